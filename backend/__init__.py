@@ -1,0 +1,1 @@
+"""The sample session-using application ("secure-api") from the deployment guide."""

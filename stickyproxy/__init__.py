@@ -1,0 +1,3 @@
+"""stickyproxy: a reverse proxy for session-based web apps, built around sticky routing."""
+
+__version__ = "0.1.0"
