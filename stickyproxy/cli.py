@@ -1,0 +1,177 @@
+"""The ``stickyproxy`` command line: run, check, and the tools built on them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+from stickyproxy import __version__
+from stickyproxy.config import Config, ConfigError, Overrides, describe, load_config
+from stickyproxy.log import setup_logging
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", help="TOML configuration file")
+    parser.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="public listener (repeatable); overrides the file's listeners",
+    )
+    parser.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="upstream server http://host:port (repeatable); replaces the file's groups",
+    )
+    parser.add_argument("--policy", help="selection policy of the group(s)")
+    parser.add_argument("--workers", type=int, help="worker processes (SO_REUSEPORT)")
+    parser.add_argument("--admin", metavar="HOST:PORT", help="admin listener; '' disables")
+    parser.add_argument("--access-log", choices=("combined", "json", "off"))
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="believe forwarding headers from these peers (repeatable)",
+    )
+
+
+def _overrides(args: argparse.Namespace) -> Overrides:
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError("--workers", "", "expected an integer >= 1")
+    return Overrides(
+        listen=tuple(args.listen),
+        upstreams=tuple(args.upstream),
+        policy=args.policy,
+        workers=args.workers,
+        admin=args.admin,
+        access_log=args.access_log,
+        log_level=args.log_level,
+        trusted_proxies=tuple(args.trusted_proxy),
+    )
+
+
+def _load(args: argparse.Namespace) -> tuple[Config, Overrides]:
+    overrides = _overrides(args)
+    path = args.config
+    if path is None and not overrides.upstreams:
+        raise ConfigError(
+            "<flags>", "", "give a configuration file (-c FILE) or at least one --upstream URL"
+        )
+    return load_config(path, overrides), overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="stickyproxy",
+        description="A reverse proxy for session-based web apps, built around sticky routing.",
+    )
+    parser.add_argument("--version", action="version", version=f"stickyproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the proxy")
+    _add_config_flags(run)
+    run.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+
+    check = commands.add_parser("check", help="validate a configuration and print it")
+    _add_config_flags(check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check":
+            config, _ = _load(args)
+            sys.stdout.write(describe(config))
+            return 0
+        if args.command == "run":
+            return _run(args)
+    except ConfigError as exc:
+        print(f"stickyproxy: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    config, overrides = _load(args)
+    setup_logging(config.log.level)
+    if config.workers > 1 and args.worker_index is None:
+        return _supervise(config, sys.argv[1:] if args is not None else [])
+    return run_worker(config, args.config, overrides, args.worker_index or 0)
+
+
+def run_worker(
+    config: Config, config_path: str | None, overrides: Overrides, index: int = 0
+) -> int:
+    """Run one worker on uvloop until it is told to stop."""
+    import uvloop
+
+    from stickyproxy.server import serve
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve(config, config_path, overrides, index))
+
+
+def _supervise(config: Config, argv: list[str]) -> int:
+    """Start the workers, restart one that dies, pass signals on, stop them all."""
+    command = [sys.executable, "-m", "stickyproxy", *argv]
+    workers: dict[int, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def spawn(index: int) -> None:
+        workers[index] = subprocess.Popen([*command, "--worker-index", str(index)])
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for process in workers.values():
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    for index in range(config.workers):
+        spawn(index)
+
+    while not stopping:
+        time.sleep(0.2)
+        for index, process in list(workers.items()):
+            if process.poll() is not None and not stopping:
+                print(
+                    f"stickyproxy: worker {index} exited with {process.returncode}; restarting",
+                    file=sys.stderr,
+                )
+                time.sleep(0.5)
+                spawn(index)
+    deadline = time.monotonic() + config.timeouts.grace + 5
+    for process in workers.values():
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

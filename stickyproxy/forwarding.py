@@ -1,0 +1,1105 @@
+"""The data plane: accept client connections and forward each request to an upstream.
+
+Everything here runs in asyncio protocol callbacks, without a task per request: a
+request is parsed by httptools, an upstream is chosen synchronously, an idle pooled
+connection is taken and the request head written in the same callback. Only opening a
+new upstream connection (or waiting for a pinned one) runs as a task. Bodies stream in
+both directions with transport flow control, so memory stays bounded whatever their
+size.
+
+Per client connection, requests are answered one at a time in order; a pipelined
+request waits, parsed, until the one before it is answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, cast
+
+import httptools
+
+from stickyproxy import headers as h
+from stickyproxy.config import Config, GroupConfig
+from stickyproxy.errors import (
+    BadRequest,
+    BodyTooLarge,
+    ClientRequestError,
+    HeadersTooLarge,
+    NoUpstreamAvailable,
+    PinnedUnavailable,
+    StickyProxyError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
+    status_for,
+)
+from stickyproxy.log import ACCESS_LOGGER, SELECTION_LOGGER, AccessLog
+from stickyproxy.selection import Policy, RequestView
+from stickyproxy.upstreams import Pool, Selection, Upstream
+
+if TYPE_CHECKING:
+    from stickyproxy.connections import ConnectionPool, UpstreamConnection
+
+log = logging.getLogger(ACCESS_LOGGER)
+selection_log = logging.getLogger(SELECTION_LOGGER)
+
+# bytes of request body held while no upstream connection takes them yet
+BODY_BUFFER_LIMIT = 256 * 1024
+
+# why client reading is paused; reading resumes when no reason is left
+PAUSE_UPSTREAM_FULL = 1
+PAUSE_PIPELINE = 2
+PAUSE_BODY_BUFFER = 4
+
+
+class Observer(Protocol):
+    """What the data plane reports; metrics implement it, tests may too."""
+
+    def client_opened(self) -> None: ...
+
+    def client_closed(self) -> None: ...
+
+    def request_finished(self, exchange: Exchange) -> None: ...
+
+    def upstream_failed(self, upstream: Upstream, kind: str, now_resting: bool) -> None: ...
+
+    def retried(self, group: str) -> None: ...
+
+
+class NullObserver:
+    """An observer that records nothing."""
+
+    def client_opened(self) -> None:
+        pass
+
+    def client_closed(self) -> None:
+        pass
+
+    def request_finished(self, exchange: Exchange) -> None:
+        pass
+
+    def upstream_failed(self, upstream: Upstream, kind: str, now_resting: bool) -> None:
+        pass
+
+    def retried(self, group: str) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class Group:
+    """A group at run time: its configuration, its pool and its policy."""
+
+    config: GroupConfig
+    pool: Pool
+    policy: Policy
+
+
+class ProxyState:
+    """Everything a request needs that a reload replaces as a whole."""
+
+    def __init__(
+        self,
+        config: Config,
+        groups: dict[str, Group],
+        access_log: AccessLog | None,
+    ) -> None:
+        self.config = config
+        self.groups = groups
+        self.access_log = access_log
+        self.trusted = h.TrustedProxies(config.forwarded.trusted_proxies)
+        self.routes = [
+            (route.host, route.path_prefix, groups[route.group]) for route in config.routes
+        ]
+        self.single = self.routes[0][2] if len(self.routes) == 1 and self.routes[0][:2] == (
+            "",
+            "/",
+        ) else None
+        limits, timeouts = config.limits, config.timeouts
+        self.header_limit = limits.header_bytes
+        self.body_limit = limits.body_bytes
+        self.client_header_timeout = timeouts.client_header
+        self.client_body_timeout = timeouts.client_body
+        self.keepalive_timeout = timeouts.keepalive_idle
+        self.read_timeout = timeouts.upstream_read
+        self.tunnel_timeout = timeouts.tunnel_idle
+        self.explain = config.explain_headers
+
+    def route(self, host: str, path: str) -> Group | None:
+        """Return the group of the first route that matches host and path."""
+        if self.single is not None:
+            return self.single
+        for route_host, prefix, group in self.routes:
+            if (not route_host or route_host == host) and path.startswith(prefix):
+                return group
+        return None
+
+
+class Proxy:
+    """The long-lived owner of listeners' client connections and upstream connections."""
+
+    def __init__(
+        self,
+        state: ProxyState,
+        connections: ConnectionPool,
+        observer: Observer | None = None,
+    ) -> None:
+        self.state = state
+        self.connections = connections
+        self.observer: Observer = observer or NullObserver()
+        self.clients: set[ClientConnection] = set()
+        self.loop = asyncio.get_running_loop()
+        self.accepting = True
+
+    def protocol_factory(self, secure: bool) -> Callable[[], ClientConnection]:
+        """Return a factory of client protocols for a listener."""
+        return lambda: ClientConnection(self, secure)
+
+    def expire(self) -> None:
+        """Time out connections whose deadline has passed; called periodically."""
+        now = self.loop.time()
+        for client in [c for c in self.clients if c.deadline and c.deadline < now]:
+            client.timed_out()
+        self.connections.expire(now)
+
+    def close_idle_clients(self) -> None:
+        """Close client connections that have no request in progress."""
+        for client in list(self.clients):
+            if client.active is None and client.parsing is None:
+                client.close()
+
+    @property
+    def busy(self) -> int:
+        """Return how many client connections have a request in progress."""
+        return sum(1 for client in self.clients if client.active is not None)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: parses requests and answers them in order."""
+
+    def __init__(self, proxy: Proxy, secure: bool) -> None:
+        self.proxy = proxy
+        self.secure = secure
+        self.loop = proxy.loop
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.peer_trusted = False
+        #: the exchange being answered, and the one being parsed (the same unless pipelined)
+        self.active: Exchange | None = None
+        self.parsing: Exchange | None = None
+        self.queued: deque[Exchange] = deque()
+        self.paused = 0
+        self.deadline = 0.0
+        self.error: ClientRequestError | None = None
+        self.tunnel: UpstreamConnection | None = None
+        self.closed = False
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+        proxy = self.proxy
+        state = proxy.state
+        if len(proxy.clients) >= state.config.limits.client_connections or not proxy.accepting:
+            # over the limit: close at once rather than queue work we cannot do
+            transport.abort()
+            self.closed = True
+            return
+        proxy.clients.add(self)
+        proxy.observer.client_opened()
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else "unix"
+        if self.peer.startswith("::ffff:"):
+            self.peer = self.peer[7:]
+        self.peer_trusted = bool(state.trusted) and state.trusted.contains(self.peer)
+        self.deadline = self.loop.time() + state.client_header_timeout
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            if self.active is not None:
+                self.active.touch_tunnel()
+            self.tunnel.send(data)
+            return
+        if self.closed:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            exchange = self.parsing
+            if exchange is not None:
+                exchange.early_tunnel_data = data[upgrade.args[0] :]
+                self.parsing = None
+                self.pause(PAUSE_PIPELINE, True)
+        except httptools.HttpParserCallbackError:
+            self.reject(self.error or BadRequest())
+        except httptools.HttpParserError as exc:
+            self.reject(self.error or _parser_error(exc))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.proxy.clients.discard(self)
+        self.proxy.observer.client_closed()
+        for exchange in (self.active, self.parsing, *self.queued):
+            if exchange is not None:
+                exchange.client_gone()
+        self.queued.clear()
+
+    def pause_writing(self) -> None:
+        if self.active is not None:
+            self.active.pause_upstream_reading(True)
+
+    def resume_writing(self) -> None:
+        if self.active is not None:
+            self.active.pause_upstream_reading(False)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        state = self.proxy.state
+        exchange = Exchange(self, state)
+        self.parsing = exchange
+        if self.active is None:
+            self.deadline = self.loop.time() + state.client_header_timeout
+
+    def on_url(self, url: bytes) -> None:
+        exchange = self.parsing
+        assert exchange is not None
+        exchange.target += url
+        exchange.head_bytes += len(url)
+        if exchange.head_bytes > exchange.state.header_limit:
+            self.error = HeadersTooLarge()
+            raise self.error
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        exchange = self.parsing
+        assert exchange is not None
+        exchange.head_bytes += len(name) + len(value) + 4
+        if exchange.head_bytes > exchange.state.header_limit:
+            self.error = HeadersTooLarge()
+            raise self.error
+        exchange.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        exchange = self.parsing
+        assert exchange is not None
+        parser = self.parser
+        exchange.method = parser.get_method().decode("ascii")
+        exchange.version = parser.get_http_version()
+        exchange.client_keep_alive = parser.should_keep_alive()
+        exchange.upgrade = parser.should_upgrade()
+        try:
+            exchange.prepare()
+        except ClientRequestError as exc:
+            self.error = exc
+            raise
+        self.deadline = self.loop.time() + exchange.state.client_body_timeout
+        if self.active is None:
+            self.active = exchange
+            exchange.start()
+        else:
+            self.queued.append(exchange)
+            self.pause(PAUSE_PIPELINE, True)
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.parsing
+        assert exchange is not None
+        self.deadline = self.loop.time() + exchange.state.client_body_timeout
+        exchange.on_request_body(body)
+
+    def on_message_complete(self) -> None:
+        exchange = self.parsing
+        assert exchange is not None
+        self.parsing = None
+        if self.active is exchange:
+            self.deadline = 0.0
+        exchange.on_request_complete()
+
+    # used by exchanges
+
+    def pause(self, reason: int, on: bool) -> None:
+        """Pause or resume reading from the client for one reason among several."""
+        before = self.paused
+        self.paused = before | reason if on else before & ~reason
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if before and not self.paused:
+            transport.resume_reading()
+        elif self.paused and not before:
+            transport.pause_reading()
+
+    def write(self, data: bytes) -> None:
+        """Write response bytes to the client."""
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def finished(self, exchange: Exchange, keep_alive: bool) -> None:
+        """Move on after an exchange is answered: the next request, idle, or close."""
+        if self.active is not exchange:
+            return
+        self.active = None
+        if not keep_alive or self.closed:
+            self.close()
+            return
+        state = self.proxy.state
+        if self.queued:
+            self.active = self.queued.popleft()
+            # start on a fresh call stack: the finishing exchange may be mid-parse
+            self.loop.call_soon(self.active.start)
+            if not self.queued:
+                self.pause(PAUSE_PIPELINE, False)
+            return
+        if self.parsing is None:
+            self.deadline = self.loop.time() + state.keepalive_timeout
+        self.pause(PAUSE_PIPELINE, False)
+        if not self.proxy.accepting and self.parsing is None:
+            self.close()
+
+    def start_tunnel(self, upstream: UpstreamConnection) -> None:
+        """Relay raw bytes both ways from now on (after a 101 Switching Protocols)."""
+        self.tunnel = upstream
+        self.deadline = self.loop.time() + self.proxy.state.tunnel_timeout
+        self.pause(PAUSE_PIPELINE, False)
+
+    def reject(self, error: ClientRequestError) -> None:
+        """Answer a request we refuse, then close the connection."""
+        exchange = self.active
+        if exchange is not None and exchange.response_started:
+            self.close()
+            return
+        if exchange is not None:
+            exchange.abandon_upstream()
+        self.write(error_response(error.status, error.detail, close=True))
+        log.warning("refused request from %s: %s", self.peer, error.detail)
+        self.active = None
+        self.close()
+
+    def timed_out(self) -> None:
+        """Close the connection: idle too long, or too slow sending a request."""
+        exchange = self.active or self.parsing
+        if exchange is not None and not exchange.response_started and self.tunnel is None:
+            if exchange is self.parsing and exchange.method:
+                exchange.abandon_upstream()
+                self.write(error_response(408, "request timeout", close=True))
+        self.close()
+
+    def close(self) -> None:
+        """Close after flushing what was written."""
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
+        if self.transport is not None:
+            self.transport.close()
+        self.deadline = 0.0
+
+
+def _parser_error(exc: Exception) -> ClientRequestError:
+    text = str(exc) or "malformed request"
+    return BadRequest(f"malformed request: {text}")
+
+
+def error_response(
+    status: int, detail: str, close: bool, extra: bytes = b""
+) -> bytes:
+    """Return a complete short plain-text response."""
+    body = (detail + "\n").encode()
+    connection = b"Connection: close\r\n" if close else b""
+    return b"".join(
+        (
+            f"HTTP/1.1 {status} {h.REASONS.get(status, 'Error')}\r\n".encode(),
+            b"Content-Type: text/plain; charset=utf-8\r\n",
+            f"Content-Length: {len(body)}\r\n".encode(),
+            connection,
+            extra,
+            b"\r\n",
+            body,
+        )
+    )
+
+
+class Exchange:
+    """One request and its response, from the client's head to the last body byte."""
+
+    __slots__ = (
+        "body_buffer",
+        "body_received",
+        "body_sent_bytes",
+        "bytes_out",
+        "chunked_request",
+        "chunked_response",
+        "client",
+        "client_gone_flag",
+        "client_keep_alive",
+        "connection",
+        "content_length",
+        "early_tunnel_data",
+        "extra_headers",
+        "group",
+        "head",
+        "head_bytes",
+        "headers",
+        "host",
+        "is_head",
+        "method",
+        "request_done",
+        "response_done",
+        "response_headers",
+        "response_reason",
+        "response_started",
+        "response_until_close",
+        "selection",
+        "start_time",
+        "state",
+        "status",
+        "target",
+        "tried",
+        "upgrade",
+        "upstream",
+        "version",
+        "view",
+    )
+
+    def __init__(self, client: ClientConnection, state: ProxyState) -> None:
+        self.client = client
+        self.state = state
+        self.start_time = client.loop.time()
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
+        self.method = ""
+        self.version = "1.1"
+        self.host = ""
+        self.client_keep_alive = True
+        self.upgrade = False
+        self.is_head = False
+        self.content_length = -1
+        self.chunked_request = False
+        self.body_buffer: list[bytes] | None = None
+        self.body_received = 0
+        self.body_sent_bytes = 0
+        self.request_done = False
+        self.head = b""
+        self.view: RequestView | None = None
+        self.group: Group | None = None
+        self.selection: Selection | None = None
+        self.upstream: Upstream | None = None
+        self.connection: UpstreamConnection | None = None
+        self.tried: list[Upstream] = []
+        self.extra_headers = b""
+        self.early_tunnel_data = b""
+        self.status = 0
+        self.response_reason = b""
+        self.response_headers: list[tuple[bytes, bytes]] = []
+        self.response_started = False
+        self.response_done = False
+        self.response_until_close = False
+        self.chunked_response = False
+        self.bytes_out = 0
+        self.client_gone_flag = False
+
+    # the request
+
+    def prepare(self) -> None:
+        """Check the request head and build what is forwarded; runs once per request."""
+        client, state = self.client, self.state
+        headers = self.headers
+        content_lengths = []
+        connection_values = []
+        xff: list[bytes] = []
+        forwarded: list[bytes] = []
+        proto = host = b""
+        upgrade_value = b""
+        transfer_encoding = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"host":
+                host = value
+            elif lname == b"content-length":
+                content_lengths.append(value)
+            elif lname == b"transfer-encoding":
+                transfer_encoding = True
+            elif lname == b"connection":
+                connection_values.append(value)
+            elif lname == b"upgrade":
+                upgrade_value = value
+            elif lname == b"x-forwarded-for":
+                xff.append(value)
+            elif lname == b"forwarded":
+                forwarded.append(value)
+            elif lname == b"x-forwarded-proto":
+                proto = value
+
+        # framing: refuse anything a server behind us could read differently
+        if transfer_encoding and content_lengths:
+            raise BadRequest("both Content-Length and Transfer-Encoding")
+        if len(set(content_lengths)) > 1:
+            raise BadRequest("conflicting Content-Length headers")
+        if content_lengths:
+            text = content_lengths[0]
+            if not text.isdigit():
+                raise BadRequest("invalid Content-Length")
+            self.content_length = int(text)
+            if state.body_limit and self.content_length > state.body_limit:
+                raise BodyTooLarge()
+        self.chunked_request = transfer_encoding
+        self.is_head = self.method == "HEAD"
+        if self.version == "1.1" and not host:
+            raise BadRequest("missing Host header")
+
+        self.host = host.decode("latin-1").rpartition(":")[0] or host.decode("latin-1")
+        if host.startswith(b"[") and not host.endswith(b"]"):
+            self.host = host.decode("latin-1").rpartition(":")[0]
+
+        # who the client is: believe forwarding headers only from trusted peers
+        peer = client.peer
+        trusted = client.peer_trusted
+        client_ip = peer
+        if trusted:
+            source = state.config.forwarded.client_address
+            if source == "x-forwarded-for" and xff:
+                client_ip = h.client_from_xff(xff, peer, state.trusted)
+            elif source == "forwarded" and forwarded:
+                client_ip = h.client_from_forwarded(forwarded, peer, state.trusted)
+        scheme = b"https" if client.secure else b"http"
+        if trusted and proto:
+            scheme = proto.split(b",")[0].strip().lower()
+        secure = scheme == b"https"
+
+        target = self.target.decode("latin-1")
+        self.view = RequestView(client_ip, self.method, target, self.host, headers, secure)
+        group = state.route(self.host, target)
+        self.group = group
+
+        # the forwarded head: hop-by-hop headers out, our forwarding headers in
+        # Content-Length is written again with the framing, once
+        drop = h.REQUEST_DROP
+        if connection_values:
+            drop = drop | h.connection_tokens(connection_values)
+        strip_cookie = group.policy.strip_cookie if group is not None else None
+        rewrite_host = group is not None and group.config.rewrite_host
+        lines = [b"%s %s HTTP/1.1\r\n" % (self.method.encode(), self.target)]
+        append = lines.append
+        for name, value in headers:
+            lname = name.lower()
+            if lname in drop:
+                continue
+            if lname == b"host" and rewrite_host:
+                continue
+            if strip_cookie is not None and lname == b"cookie":
+                value = _strip_cookie(value, strip_cookie)
+                if not value:
+                    continue
+            append(b"%s: %s\r\n" % (name, value))
+
+        peer_bytes = peer.encode()
+        xff_out = b", ".join([*xff, peer_bytes]) if trusted and xff else peer_bytes
+        append(b"X-Forwarded-For: %s\r\n" % xff_out)
+        append(b"X-Forwarded-Proto: %s\r\n" % scheme)
+        if host:
+            append(b"X-Forwarded-Host: %s\r\n" % host)
+        element = b"for=%s;proto=%s" % (h.forwarded_node(peer).encode(), scheme)
+        if host:
+            element += b';host="%s"' % host.replace(b'"', b"")
+        if trusted and forwarded:
+            element = b", ".join([*forwarded, element])
+        append(b"Forwarded: %s\r\n" % element)
+        if self.upgrade:
+            append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % upgrade_value)
+        if self.chunked_request:
+            append(b"Transfer-Encoding: chunked\r\n")
+        self.head = b"".join(lines)
+
+    def start(self) -> None:
+        """Choose an upstream and send the request head; runs when it is this one's turn."""
+        if self.client_gone_flag:
+            return
+        group = self.group
+        if group is None:
+            self.fail(NoUpstreamAvailable("no route for this host and path"), log_it=False)
+            return
+        try:
+            selection = group.policy.select(self.view, self.tried)  # type: ignore[arg-type]
+        except PinnedUnavailable as exc:
+            if exc.wait and not self.tried:
+                self.client.loop.create_task(self._wait_for_pin(group))
+            else:
+                self.fail(exc)
+            return
+        if selection is None:
+            self.fail(NoUpstreamAvailable())
+            return
+        self.selection = selection
+        upstream = selection.upstream
+        if selection_log.isEnabledFor(logging.DEBUG):
+            selection_log.debug(
+                "%s %s -> %s (%s%s)",
+                self.view.client_ip if self.view else "-",
+                group.config.name,
+                upstream.name,
+                selection.reason,
+                f", {selection.cause}" if selection.cause else "",
+            )
+        self._attach(upstream)
+        connection = self.client.proxy.connections.acquire_idle(upstream)
+        if connection is not None:
+            self._send(connection)
+        else:
+            self.client.loop.create_task(self._connect(upstream))
+
+    async def _wait_for_pin(self, group: Group) -> None:
+        """Retry the pinned upstream until it serves or the group's wait runs out."""
+        deadline = self.client.loop.time() + group.config.pinned_wait
+        while self.client.loop.time() < deadline and not self.client_gone_flag:
+            await asyncio.sleep(0.1)
+            try:
+                group.policy.select(self.view, self.tried)  # type: ignore[arg-type]
+            except PinnedUnavailable:
+                continue
+            self.start()
+            return
+        if not self.client_gone_flag:
+            self.fail(PinnedUnavailable(1))
+
+    def _attach(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        upstream.active += 1
+        upstream.requests += 1
+
+    def _detach(self) -> None:
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.active -= 1
+            self.upstream = None
+
+    async def _connect(self, upstream: Upstream) -> None:
+        try:
+            connection = await self.client.proxy.connections.connect(upstream)
+        except UpstreamConnectError as exc:
+            self._retry_or_fail(upstream, exc, "connect")
+            return
+        except asyncio.CancelledError:
+            self._detach()
+            raise
+        if self.client_gone_flag:
+            self._detach()
+            connection.close()
+            return
+        self._send(connection)
+
+    def _send(self, connection: UpstreamConnection) -> None:
+        self.connection = connection
+        connection.exchange = self
+        connection.uses += 1
+        connection.received = 0
+        connection.deadline = self.client.loop.time() + self.state.read_timeout
+        connection.send(self.head + self._framing_header())
+        buffered = self.body_buffer
+        if buffered:
+            self.body_buffer = None
+            for chunk in buffered:
+                self._send_body(chunk)
+            self.client.pause(PAUSE_BODY_BUFFER, False)
+        if self.request_done:
+            self._send_body_end()
+
+    def _framing_header(self) -> bytes:
+        if self.content_length >= 0 and not self.chunked_request:
+            return b"Content-Length: %d\r\n\r\n" % self.content_length
+        return b"\r\n"
+
+    def on_request_body(self, body: bytes) -> None:
+        """Stream a piece of the request body, or hold it until an upstream is ready."""
+        self.body_received += len(body)
+        limit = self.state.body_limit
+        if limit and self.body_received > limit:
+            self.client.error = BodyTooLarge()
+            raise self.client.error
+        if self.connection is not None and not self.tunnel_open:
+            self._send_body(body)
+            return
+        if self.body_buffer is None:
+            self.body_buffer = []
+        self.body_buffer.append(body)
+        if self.body_received - self.body_sent_bytes > BODY_BUFFER_LIMIT:
+            self.client.pause(PAUSE_BODY_BUFFER, True)
+
+    @property
+    def tunnel_open(self) -> bool:
+        return self.connection is not None and self.connection.tunnel
+
+    def _send_body(self, body: bytes) -> None:
+        assert self.connection is not None
+        self.body_sent_bytes += len(body)
+        if self.chunked_request:
+            self.connection.send(b"%x\r\n%s\r\n" % (len(body), body))
+        else:
+            self.connection.send(body)
+
+    def _send_body_end(self) -> None:
+        if self.chunked_request and self.connection is not None:
+            self.connection.send(b"0\r\n\r\n")
+
+    def on_request_complete(self) -> None:
+        """Note that the whole request body has arrived, and finish it upstream."""
+        self.request_done = True
+        if self.connection is not None and not self.connection.tunnel:
+            self._send_body_end()
+
+    # the response
+
+    def touch_upstream(self, connection: UpstreamConnection) -> None:
+        """Push the upstream's read deadline forward; it just sent something."""
+        timeout = self.state.tunnel_timeout if connection.tunnel else self.state.read_timeout
+        connection.deadline = self.client.loop.time() + timeout
+
+    def on_response_status(self, reason: bytes) -> None:
+        self.response_reason += reason
+
+    def on_response_header(self, name: bytes, value: bytes) -> None:
+        self.response_headers.append((name, value))
+
+    def on_response_headers_complete(self, connection: UpstreamConnection) -> None:
+        """Write the response head to the client, with the proxy's own headers."""
+        status = connection.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._relay_informational(status)
+            return
+        self.status = status
+        self.response_started = True
+        upstream_headers = self.response_headers
+        connection_values = []
+        content_length = False
+        chunked = False
+        for name, value in upstream_headers:
+            lname = name.lower()
+            if lname == b"connection":
+                connection_values.append(value)
+            elif lname == b"content-length":
+                content_length = True
+            elif lname == b"transfer-encoding":
+                chunked = True
+
+        drop = h.HOP_BY_HOP
+        if connection_values:
+            drop = drop | h.connection_tokens(connection_values)
+        upgraded = status == 101 and self.upgrade
+        bodiless = self.is_head or status in (204, 304) or upgraded
+        if chunked:
+            content_length = False
+        until_close = not bodiless and not content_length and not chunked
+        self.response_until_close = until_close
+        keep_alive = self.client_keep_alive and not self.upgrade
+        if not self.request_done:
+            # answered before the request body ended: the rest of it cannot be trusted
+            keep_alive = False
+        use_chunked = (chunked or until_close) and self.version == "1.1" and not bodiless
+        if (chunked or until_close) and self.version != "1.1":
+            keep_alive = False
+        self.chunked_response = use_chunked
+        self.client_keep_alive = keep_alive
+
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, self.response_reason)]
+        append = lines.append
+        for name, value in upstream_headers:
+            lname = name.lower()
+            if lname in drop:
+                if upgraded and lname == b"upgrade":
+                    append(b"%s: %s\r\n" % (name, value))
+                continue
+            if lname == b"content-length" and chunked:
+                continue
+            append(b"%s: %s\r\n" % (name, value))
+
+        group = self.group
+        selection = self.selection
+        if group is not None and selection is not None:
+            if group.policy.sticky and self.view is not None:
+                for line in group.policy.on_response(self.view, selection, upstream_headers):
+                    append(line)
+            if self.state.explain:
+                append(b"X-Stickyproxy-Upstream: %s\r\n" % selection.upstream.name.encode())
+                reason = selection.reason
+                if selection.cause:
+                    reason = f"{reason}; {selection.cause}"
+                append(b"X-Stickyproxy-Reason: %s\r\n" % reason.encode())
+        if upgraded:
+            append(b"Connection: upgrade\r\n")
+        elif use_chunked:
+            append(b"Transfer-Encoding: chunked\r\n")
+        if not upgraded:
+            if not keep_alive:
+                append(b"Connection: close\r\n")
+            elif self.version == "1.0":
+                append(b"Connection: keep-alive\r\n")
+        append(b"\r\n")
+        self.client.write(b"".join(lines))
+
+        if upgraded:
+            connection.tunnel = True
+            return
+        if self.is_head:
+            # the parser would wait for a body a HEAD response never has
+            connection.new_parser()
+            self.on_response_complete(connection)
+
+    def _relay_informational(self, status: int) -> None:
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, self.response_reason)]
+        for name, value in self.response_headers:
+            if name.lower() not in h.HOP_BY_HOP:
+                lines.append(b"%s: %s\r\n" % (name, value))
+        lines.append(b"\r\n")
+        self.client.write(b"".join(lines))
+        self.response_headers = []
+        self.response_reason = b""
+
+    def on_response_body(self, body: bytes) -> None:
+        """Stream a piece of the response body to the client."""
+        if not self.response_started or self.response_done:
+            return
+        self.bytes_out += len(body)
+        if self.chunked_response:
+            self.client.write(b"%x\r\n%s\r\n" % (len(body), body))
+        else:
+            self.client.write(body)
+
+    def on_response_complete(self, connection: UpstreamConnection) -> None:
+        """Finish the response; the connection goes back to the pool if it can."""
+        if not self.response_started:
+            # the end of an informational response; the final one follows
+            return
+        if self.response_done:
+            return
+        self.response_done = True
+        if self.chunked_response:
+            self.client.write(b"0\r\n\r\n")
+        self.connection = None
+        reusable = (
+            self.request_done
+            and connection.parser.should_keep_alive()
+            and not self.response_until_close
+        )
+        if reusable:
+            self.client.proxy.connections.release(connection)
+        else:
+            connection.close()
+        self._finish()
+
+    def upstream_upgraded(self, rest: bytes) -> None:
+        """The upstream switched protocols: relay raw bytes both ways from now on."""
+        connection = self.connection
+        if connection is None or not connection.tunnel:
+            self.upstream_failed(connection, UpstreamError("unexpected upgrade"))  # type: ignore[arg-type]
+            return
+        self.touch_upstream(connection)
+        self.client.start_tunnel(connection)
+        if rest:
+            self.client.write(rest)
+        if self.early_tunnel_data:
+            connection.send(self.early_tunnel_data)
+            self.early_tunnel_data = b""
+
+    def tunnel_to_client(self, data: bytes) -> None:
+        """Relay bytes from an upgraded upstream connection."""
+        self.touch_tunnel()
+        self.client.write(data)
+
+    def touch_tunnel(self) -> None:
+        """Push both sides' idle deadlines forward: the tunnel is in use."""
+        deadline = self.client.loop.time() + self.state.tunnel_timeout
+        self.client.deadline = deadline
+        if self.connection is not None:
+            self.connection.deadline = deadline
+
+    # failures
+
+    def upstream_closed(self, connection: UpstreamConnection, exc: Exception | None) -> None:
+        """The upstream connection closed while this exchange used it."""
+        if self.response_done:
+            return
+        if connection.tunnel:
+            self.response_done = True
+            self._finish()
+            self.client.close()
+            return
+        if self.response_started and self.response_until_close:
+            self.on_response_complete(connection)
+            return
+        error = UpstreamConnectError("upstream closed the connection")
+        self.upstream_failed(connection, error)
+
+    def upstream_timed_out(self, connection: UpstreamConnection) -> None:
+        """The upstream stayed silent past its read timeout."""
+        if connection.tunnel:
+            connection.close()
+            return
+        self.upstream_failed(connection, UpstreamTimeout("upstream read timed out"))
+
+    def upstream_failed(self, connection: UpstreamConnection, error: UpstreamError) -> None:
+        """Retry elsewhere if nothing was answered and it is safe, else answer an error."""
+        upstream = self.upstream
+        self.connection = None
+        connection.abort()
+        if upstream is None or self.response_done:
+            return
+        if self.response_started:
+            # part of the response went out already: all we can do is cut the client off
+            self.response_done = True
+            self._finish(keep_alive=False)
+            return
+        stale = connection.uses > 1 and connection.received == 0
+        safe = self.method in h.IDEMPOTENT_METHODS and self.body_sent_bytes == 0
+        if stale and safe and self.content_length <= 0 and not self.chunked_request:
+            # a reused connection the upstream had closed: try once on a fresh one
+            self.client.loop.create_task(self._reconnect(upstream))
+            return
+        kind = "timeout" if isinstance(error, UpstreamTimeout) else "reset"
+        if isinstance(error, UpstreamTimeout) or not safe or self.request_started_body:
+            self._record_failure(upstream, kind)
+            self._detach()
+            self.fail(error)
+            return
+        self._retry_or_fail(upstream, error, kind)
+
+    @property
+    def request_started_body(self) -> bool:
+        return self.body_sent_bytes > 0
+
+    async def _reconnect(self, upstream: Upstream) -> None:
+        try:
+            connection = await self.client.proxy.connections.connect(upstream)
+        except UpstreamConnectError as exc:
+            self._retry_or_fail(upstream, exc, "connect")
+            return
+        if self.client_gone_flag:
+            self._detach()
+            connection.close()
+            return
+        self._send(connection)
+
+    def _record_failure(self, upstream: Upstream, kind: str) -> None:
+        resting = upstream.record_failure()
+        self.client.proxy.observer.upstream_failed(upstream, kind, resting)
+
+    def _retry_or_fail(self, upstream: Upstream, error: UpstreamError, kind: str) -> None:
+        self._record_failure(upstream, kind)
+        self._detach()
+        self.tried.append(upstream)
+        group = self.group
+        log.warning("upstream %s failed: %s", upstream.name, error)
+        if self.client_gone_flag or group is None:
+            return
+        if len(self.tried) <= group.config.retries:
+            self.client.proxy.observer.retried(group.config.name)
+            self.selection = None
+            self.start()
+            return
+        self.fail(error)
+
+    def fail(self, error: StickyProxyError, log_it: bool = True) -> None:
+        """Answer the client with the error's status, unless a response already began."""
+        self._detach()
+        if self.response_started or self.client_gone_flag:
+            self.client.close()
+            return
+        status, reason = status_for(error)
+        detail = str(error) or reason
+        if log_it:
+            log.warning("%s %s -> %d: %s", self.method, self.target.decode("latin-1"), status, detail)
+        extra = b""
+        if isinstance(error, PinnedUnavailable):
+            extra = b"Retry-After: %d\r\n" % error.retry_after
+        self.status = status
+        self.response_started = True
+        self.response_done = True
+        keep_alive = self.client_keep_alive and self.request_done
+        self.client.write(error_response(status, reason, close=not keep_alive, extra=extra))
+        self.bytes_out = len(reason) + 1
+        self._finish(keep_alive=keep_alive)
+
+    def abandon_upstream(self) -> None:
+        """Drop the upstream side of an exchange the client side gave up on."""
+        connection = self.connection
+        self.connection = None
+        if connection is not None:
+            connection.abort()
+        self._detach()
+
+    def client_gone(self) -> None:
+        """The client disconnected: abandon the upstream side."""
+        if self.client_gone_flag:
+            return
+        self.client_gone_flag = True
+        if not self.response_done:
+            self.abandon_upstream()
+
+    def pause_client_reading(self, on: bool) -> None:
+        """Flow control: the upstream cannot take request bytes as fast as they come."""
+        self.client.pause(PAUSE_UPSTREAM_FULL, on)
+
+    def pause_upstream_reading(self, on: bool) -> None:
+        """Flow control: the client cannot take response bytes as fast as they come."""
+        connection = self.connection
+        if connection is not None and connection.transport is not None:
+            if on:
+                connection.transport.pause_reading()
+            else:
+                connection.transport.resume_reading()
+
+    def _finish(self, keep_alive: bool | None = None) -> None:
+        """Account for the finished exchange and let the client connection move on."""
+        self._detach()
+        upstream = self.selection.upstream if self.selection is not None else None
+        if upstream is not None and 0 < self.status < 500:
+            upstream.record_success()
+        access_log = self.state.access_log
+        if access_log is not None:
+            self._write_access_log(access_log, upstream)
+        self.client.proxy.observer.request_finished(self)
+        if keep_alive is None:
+            keep_alive = self.client_keep_alive
+        self.client.finished(self, keep_alive)
+
+    def _write_access_log(self, access_log: AccessLog, upstream: Upstream | None) -> None:
+        view = self.view
+        selection = self.selection
+        access_log.write(
+            client=view.client_ip if view is not None else self.client.peer,
+            method=self.method,
+            target=self.target.decode("latin-1"),
+            version=self.version,
+            status=self.status,
+            sent=self.bytes_out,
+            referer=_header(self.headers, b"referer"),
+            agent=_header(self.headers, b"user-agent"),
+            upstream=upstream.name if upstream is not None else "",
+            duration=self.client.loop.time() - self.start_time,
+            reason=selection.reason if selection is not None else "",
+        )
+
+    @property
+    def duration(self) -> float:
+        """Return seconds since the request began."""
+        return self.client.loop.time() - self.start_time
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return ""
+
+
+def _strip_cookie(value: bytes, name: bytes) -> bytes:
+    """Remove one cookie from a Cookie header value, keeping the others as sent."""
+    prefix = name + b"="
+    kept = [part for part in value.split(b";") if not part.strip().startswith(prefix)]
+    return b";".join(kept).strip()
+
+
