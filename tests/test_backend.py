@@ -13,10 +13,11 @@ import redis as redis_sync
 from aiohttp.test_utils import TestServer
 
 from backend.app import make_app
-from backend.config import Settings
+from backend.config import DEFAULT_SESSION_SECRET, Settings, settings_from_env
 from backend.cookies import new_session_id, sign, unsign
 from backend.files import MAX_CONTENT_BYTES
 from backend.identity import normalize_user_id
+from backend.server import main as server_main
 from tests.backend_support import Api, Instance, client_session
 from tests.support import RedisServer, free_port
 
@@ -85,6 +86,43 @@ async def test_startup_falls_back_to_memory_when_redis_unreachable() -> None:
     assert health.body["store"] == "memory"
     assert health.body["storeReachable"] is True
     assert me.status == 200
+
+
+def test_settings_come_from_flags_then_environment() -> None:
+    env = {"INSTANCE_ID": "from-env", "REDIS_URL": "redis://h:1/0"}
+
+    flagged = settings_from_env(host="::1", port=3001, instance_id="flag", environ=env)
+    from_env = settings_from_env(host="127.0.0.1", port=3001, environ=env)
+    bare = settings_from_env(host="127.0.0.1", port=3002, environ={"REDIS_URL": ""})
+
+    assert flagged.instance_id == "flag"
+    assert from_env.instance_id == "from-env"
+    assert from_env.redis_url == "redis://h:1/0"
+    assert bare.instance_id.endswith("-3002")
+    assert bare.redis_url is None
+    assert bare.session_secret == DEFAULT_SESSION_SECRET
+    assert bare.default_secret
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["--port", "http"], "is not a port number"),
+        (["--port", "-1"], "is outside 0..65535"),
+        (["--instance-id", "no spaces"], "use 1-64 letters"),
+        (["--session-ttl", "0"], "must be at least 1"),
+    ],
+)
+def test_server_rejects_bad_arguments(
+    argv: list[str], complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        server_main(argv)
+
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert complaint in err
+    assert "Traceback" not in err
 
 
 # the API on one instance, with either store
