@@ -12,6 +12,7 @@ import pytest
 import redis as redis_sync
 from aiohttp.test_utils import TestServer
 
+import backend.store
 from backend.app import make_app
 from backend.config import DEFAULT_SESSION_SECRET, Settings, settings_from_env
 from backend.cookies import new_session_id, sign, unsign
@@ -409,6 +410,37 @@ async def test_concurrent_uploads_are_all_kept(api: Api) -> None:
     assert sorted(f["name"] for f in listed.body["files"]) == sorted(
         f"f{i}" for i in range(30)
     )
+
+
+async def test_racing_first_logins_keep_both_uploads(api: Api) -> None:
+    other = Api(api.http, api.base)
+
+    async def first_visit(client: Api, name: str) -> None:
+        await client.login("nora@contoso.com")
+        await client.upload(name)
+
+    await asyncio.gather(first_visit(api, "one.txt"), first_visit(other, "two.txt"))
+
+    assert api.cookie != other.cookie
+    listed = await api.call("GET", "/api/files")
+    assert sorted(f["name"] for f in listed.body["files"]) == ["one.txt", "two.txt"]
+
+
+async def test_file_count_is_limited_per_user(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backend.store, "MAX_FILES_PER_USER", 2)
+    await api.login("olga@contoso.com")
+    kept = (await api.upload("a.txt")).body["file"]
+    await api.upload("b.txt")
+
+    full = await api.call("POST", "/api/files", {"name": "c.txt", "size": 1})
+    await api.call("DELETE", f"/api/files/{kept['id']}")
+    # trashed files still count, so trashing does not make room
+    still_full = await api.call("POST", "/api/files", {"name": "c.txt", "size": 1})
+
+    assert (full.status, full.body["error"]) == (409, "at most 2 files per user")
+    assert still_full.status == 409
 
 
 async def test_file_listings_log_the_session(
