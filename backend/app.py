@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -96,13 +97,14 @@ async def authenticate(request: web.Request) -> Authenticated:
 
     data = await request.app[STORE].get_session(session_id)
     if data is None:
-        raise Unauthorized("session not found on this instance's store")
+        raise Unauthorized("unknown or expired session")
     return Authenticated(session_id, normalize_user_id(data.user_id), data.tenant_id)
 
 
 def authenticated(handler: AuthHandler) -> Handler:
     """Wrap a handler so that it runs only for a request with a live session."""
 
+    @functools.wraps(handler)
     async def wrapper(request: web.Request) -> web.StreamResponse:
         return await handler(request, await authenticate(request))
 
