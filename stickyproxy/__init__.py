@@ -1,3 +1,3 @@
-"""stickyproxy: a reverse proxy for session-based web apps, built around sticky routing."""
+"""stickyproxy: a reverse proxy for session-based apps, built around sticky routing."""
 
 __version__ = "0.1.0"

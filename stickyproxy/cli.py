@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from types import FrameType
 
 from stickyproxy import __version__
-from stickyproxy.config import Config, ConfigError, Overrides, describe, load_config
+from stickyproxy.config import Config, Overrides, describe, load_config
+from stickyproxy.errors import ConfigError
 from stickyproxy.log import setup_logging
 
 
@@ -31,11 +32,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="URL",
-        help="upstream server http://host:port (repeatable); replaces the file's groups",
+        help="upstream http://host:port (repeatable); replaces the file's groups",
     )
     parser.add_argument("--policy", help="selection policy of the group(s)")
     parser.add_argument("--workers", type=int, help="worker processes (SO_REUSEPORT)")
-    parser.add_argument("--admin", metavar="HOST:PORT", help="admin listener; '' disables")
+    parser.add_argument(
+        "--admin", metavar="HOST:PORT", help="admin listener; '' disables"
+    )
     parser.add_argument("--access-log", choices=("combined", "json", "off"))
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     parser.add_argument(
@@ -67,7 +70,9 @@ def _load(args: argparse.Namespace) -> tuple[Config, Overrides]:
     path = args.config
     if path is None and not overrides.upstreams:
         raise ConfigError(
-            "<flags>", "", "give a configuration file (-c FILE) or at least one --upstream URL"
+            "<flags>",
+            "",
+            "give a configuration file (-c FILE) or at least one --upstream URL",
         )
     return load_config(path, overrides), overrides
 
@@ -76,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the parser of every subcommand."""
     parser = argparse.ArgumentParser(
         prog="stickyproxy",
-        description="A reverse proxy for session-based web apps, built around sticky routing.",
+        description="A reverse proxy built around sticky routing.",
     )
-    parser.add_argument("--version", action="version", version=f"stickyproxy {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"stickyproxy {__version__}"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the proxy")
@@ -156,8 +163,9 @@ def _supervise(config: Config, argv: list[str]) -> int:
         time.sleep(0.2)
         for index, process in list(workers.items()):
             if process.poll() is not None and not stopping:
+                code = process.returncode
                 print(
-                    f"stickyproxy: worker {index} exited with {process.returncode}; restarting",
+                    f"stickyproxy: worker {index} exited ({code}); restarting",
                     file=sys.stderr,
                 )
                 time.sleep(0.5)

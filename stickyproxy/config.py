@@ -10,8 +10,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast, get_args
 from urllib.parse import urlsplit
@@ -39,7 +39,11 @@ class Address:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return (
+            f"[{self.host}]:{self.port}"
+            if ":" in self.host
+            else f"{self.host}:{self.port}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +240,7 @@ class LimitsConfig:
 
 @dataclass(frozen=True, slots=True)
 class ForwardedConfig:
-    """Which peers' forwarding headers to believe, and where the client address comes from."""
+    """Whose forwarding headers to believe, and where the client address comes from."""
 
     #: CIDRs of proxies in front of us whose forwarding headers are believed
     trusted_proxies: tuple[str, ...] = ()
@@ -331,7 +335,7 @@ class _Table:
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise self.fail(name, f"expected {expected}, got {value!r}")
-        return cast(T, value)
+        return value
 
     def number(self, name: str, default: float, minimum: float = 0.0) -> float:
         value = self.get(name, float, default, "a number of seconds")
@@ -394,7 +398,8 @@ def parse_address(text: str, source: str, key: str) -> Address:
         port_text = rest.removeprefix(":")
     else:
         host, _, port_text = text.rpartition(":")
-    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    # port 0 asks the system for a free port (tests, ephemeral setups)
+    if not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
         raise ConfigError(source, key, f"expected host:port, got {text!r}")
     return Address(host, int(port_text))
 
@@ -406,7 +411,9 @@ def _read_url(table: _Table, name: str, value: str) -> str:
     try:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        raise table.fail(name, f"expected a port from 1 to 65535, got {value!r}") from None
+        raise table.fail(
+            name, f"expected a port from 1 to 65535, got {value!r}"
+        ) from None
     return f"http://{parts.netloc}"
 
 
@@ -450,7 +457,9 @@ def _read_ip_hash(table: _Table) -> IpHashConfig:
     if key not in ("nginx", "full") and not (
         key.startswith("/") and prefix.isdigit() and 0 < int(prefix) <= 128
     ):
-        raise table.fail("key", f"expected 'nginx', 'full' or a prefix like '/24', got {key!r}")
+        raise table.fail(
+            "key", f"expected 'nginx', 'full' or a prefix like '/24', got {key!r}"
+        )
     table.finish()
     return IpHashConfig(key=key)
 
@@ -466,7 +475,9 @@ def _read_hash(table: _Table) -> HashConfig:
         )
     bounded = table.number("bounded_load", 0.0)
     if 0 < bounded <= 1:
-        raise table.fail("bounded_load", f"expected 0 (off) or a factor > 1, got {bounded}")
+        raise table.fail(
+            "bounded_load", f"expected 0 (off) or a factor > 1, got {bounded}"
+        )
     config = HashConfig(
         key=key,
         consistent=table.boolean("consistent", False),
@@ -487,7 +498,9 @@ def _read_cookie(table: _Table) -> CookieConfig:
     samesite = table.choice("samesite", "Lax", get_args(SameSite))
     secure = table.choice("secure", "auto", ("auto", "always", "never"))
     if samesite == "None" and secure == "never":
-        raise table.fail("samesite", "SameSite=None needs Secure; set secure to auto or always")
+        raise table.fail(
+            "samesite", "SameSite=None needs Secure; set secure to auto or always"
+        )
     config = CookieConfig(
         name=name,
         secret=table.string("secret", ""),
@@ -527,7 +540,9 @@ def _read_learn(table: _Table) -> LearnConfig:
 def _read_group(table: _Table, name: str) -> GroupConfig:
     servers = tuple(_read_server(server) for server in table.tables("servers"))
     if not servers:
-        raise table.fail("servers", "expected at least one [[...servers]] entry with a url")
+        raise table.fail(
+            "servers", "expected at least one [[...servers]] entry with a url"
+        )
     urls = [server.url for server in servers]
     duplicate = next((url for url in urls if urls.count(url) > 1), None)
     if duplicate:
@@ -555,7 +570,9 @@ def _read_cidrs(table: _Table, name: str, values: Sequence[str]) -> tuple[str, .
         try:
             ipaddress.ip_network(value, strict=False)
         except ValueError:
-            raise table.fail(name, f"expected CIDRs like '10.0.0.0/8', got {value!r}") from None
+            raise table.fail(
+                name, f"expected CIDRs like '10.0.0.0/8', got {value!r}"
+            ) from None
     return tuple(values)
 
 
@@ -566,8 +583,12 @@ def _read_config(root: _Table) -> Config:
     for table in root.tables("listeners"):
         cert, key = table.string("tls_cert", ""), table.string("tls_key", "")
         if bool(cert) != bool(key):
-            raise table.fail("tls_key" if cert else "tls_cert", "expected both tls_cert and tls_key")
-        address = parse_address(table.string("address", ""), source, table.key("address"))
+            raise table.fail(
+                "tls_key" if cert else "tls_cert", "expected both tls_cert and tls_key"
+            )
+        address = parse_address(
+            table.string("address", ""), source, table.key("address")
+        )
         listeners.append(ListenerConfig(address, cert or None, key or None))
         table.finish()
 
@@ -581,11 +602,17 @@ def _read_config(root: _Table) -> Config:
         group = table.string("group", "")
         if group not in groups:
             known = ", ".join(sorted(groups)) or "none defined"
-            raise table.fail("group", f"expected the name of a group ({known}), got {group!r}")
+            raise table.fail(
+                "group", f"expected the name of a group ({known}), got {group!r}"
+            )
         prefix = table.string("path_prefix", "/")
         if not prefix.startswith("/"):
-            raise table.fail("path_prefix", f"expected a path starting with '/', got {prefix!r}")
-        routes.append(RouteConfig(group=group, host=table.string("host", ""), path_prefix=prefix))
+            raise table.fail(
+                "path_prefix", f"expected a path starting with '/', got {prefix!r}"
+            )
+        routes.append(
+            RouteConfig(group=group, host=table.string("host", ""), path_prefix=prefix)
+        )
         table.finish()
 
     server = root.table("server")
@@ -607,14 +634,18 @@ def _read_config(root: _Table) -> Config:
     limits = LimitsConfig(
         header_bytes=limits_table.integer("header_bytes", 32 * 1024, minimum=1024),
         body_bytes=limits_table.integer("body_bytes", 100 * 1024 * 1024),
-        client_connections=limits_table.integer("client_connections", 10_000, minimum=1),
+        client_connections=limits_table.integer(
+            "client_connections", 10_000, minimum=1
+        ),
         upstream_keepalive=limits_table.integer("upstream_keepalive", 64),
     )
     limits_table.finish()
 
     fwd = root.table("forwarded")
     forwarded = ForwardedConfig(
-        trusted_proxies=_read_cidrs(fwd, "trusted_proxies", fwd.strings("trusted_proxies", ())),
+        trusted_proxies=_read_cidrs(
+            fwd, "trusted_proxies", fwd.strings("trusted_proxies", ())
+        ),
         client_address=fwd.choice(
             "client_address", "x-forwarded-for", get_args(ClientAddressSource)
         ),
@@ -666,14 +697,18 @@ def _env_overrides(environ: Mapping[str, str], overrides: Overrides) -> Override
     workers = overrides.workers
     if workers is None and workers_text is not None:
         if not workers_text.isdigit() or int(workers_text) < 1:
-            raise ConfigError("environment", ENV_PREFIX + "WORKERS", "expected an integer >= 1")
+            raise ConfigError(
+                "environment", ENV_PREFIX + "WORKERS", "expected an integer >= 1"
+            )
         workers = int(workers_text)
     return Overrides(
         listen=overrides.listen or split("LISTEN"),
         upstreams=overrides.upstreams or split("UPSTREAMS"),
         policy=overrides.policy or environ.get(ENV_PREFIX + "POLICY"),
         workers=workers,
-        admin=overrides.admin if overrides.admin is not None else environ.get(ENV_PREFIX + "ADMIN"),
+        admin=overrides.admin
+        if overrides.admin is not None
+        else environ.get(ENV_PREFIX + "ADMIN"),
         access_log=overrides.access_log or environ.get(ENV_PREFIX + "ACCESS_LOG"),
         log_level=overrides.log_level or environ.get(ENV_PREFIX + "LOG_LEVEL"),
         trusted_proxies=overrides.trusted_proxies or split("TRUSTED_PROXIES"),
@@ -685,7 +720,8 @@ def _apply_overrides(config: Config, overrides: Overrides, source: str) -> Confi
     document: dict[str, Any] = {}
     if overrides.listen:
         listeners = tuple(
-            ListenerConfig(parse_address(text, source, "--listen")) for text in overrides.listen
+            ListenerConfig(parse_address(text, source, "--listen"))
+            for text in overrides.listen
         )
         config = replace(config, listeners=listeners)
     if overrides.upstreams:
@@ -701,7 +737,9 @@ def _apply_overrides(config: Config, overrides: Overrides, source: str) -> Confi
         )
     elif overrides.policy:
         if overrides.policy not in get_args(PolicyName):
-            raise ConfigError(source, "--policy", f"expected one of {get_args(PolicyName)}")
+            raise ConfigError(
+                source, "--policy", f"expected one of {get_args(PolicyName)}"
+            )
         config = replace(
             config,
             groups={
@@ -712,7 +750,11 @@ def _apply_overrides(config: Config, overrides: Overrides, source: str) -> Confi
     if overrides.workers is not None:
         config = replace(config, workers=overrides.workers)
     if overrides.admin is not None:
-        address = parse_address(overrides.admin, source, "--admin") if overrides.admin else None
+        address = (
+            parse_address(overrides.admin, source, "--admin")
+            if overrides.admin
+            else None
+        )
         config = replace(config, admin=replace(config.admin, address=address))
     if overrides.access_log:
         if overrides.access_log not in get_args(AccessLogFormat):
@@ -721,12 +763,16 @@ def _apply_overrides(config: Config, overrides: Overrides, source: str) -> Confi
         config = replace(config, log=replace(config.log, access=fmt))
     if overrides.log_level:
         if overrides.log_level not in ("debug", "info", "warning", "error"):
-            raise ConfigError(source, "--log-level", "expected debug, info, warning or error")
+            raise ConfigError(
+                source, "--log-level", "expected debug, info, warning or error"
+            )
         config = replace(config, log=replace(config.log, level=overrides.log_level))  # type: ignore[arg-type]
     if overrides.trusted_proxies:
         table = _Table(source, "forwarded", {})
         cidrs = _read_cidrs(table, "trusted_proxies", overrides.trusted_proxies)
-        config = replace(config, forwarded=replace(config.forwarded, trusted_proxies=cidrs))
+        config = replace(
+            config, forwarded=replace(config.forwarded, trusted_proxies=cidrs)
+        )
     return config
 
 
@@ -734,22 +780,34 @@ def _check(config: Config) -> Config:
     """Check what only the whole configuration can tell."""
     source = config.source
     if not config.listeners:
-        raise ConfigError(source, "listeners", "expected at least one listener (or --listen)")
+        raise ConfigError(
+            source, "listeners", "expected at least one listener (or --listen)"
+        )
     if not config.groups:
-        raise ConfigError(source, "groups", "expected at least one group (or --upstream)")
+        raise ConfigError(
+            source, "groups", "expected at least one group (or --upstream)"
+        )
     if not config.routes:
         if len(config.groups) != 1:
-            raise ConfigError(source, "routes", "expected routes when there are several groups")
+            raise ConfigError(
+                source, "routes", "expected routes when there are several groups"
+            )
         only = next(iter(config.groups))
         config = replace(config, routes=(RouteConfig(group=only),))
     admin = config.admin.address
     if admin is not None and not config.admin.token and not _is_loopback(admin.host):
         raise ConfigError(
-            source, "admin.token", "expected a token when the admin listener is not on loopback"
+            source,
+            "admin.token",
+            "expected a token when the admin listener is not on loopback",
         )
-    public = {(listener.address.host, listener.address.port) for listener in config.listeners}
+    public = {
+        (listener.address.host, listener.address.port) for listener in config.listeners
+    }
     if admin is not None and (admin.host, admin.port) in public:
-        raise ConfigError(source, "admin.address", "expected a port no public listener uses")
+        raise ConfigError(
+            source, "admin.address", "expected a port no public listener uses"
+        )
     return config
 
 
@@ -787,55 +845,59 @@ def load_config(
 
 
 def describe(config: Config) -> str:
-    """Render the effective configuration as TOML-like text, secrets masked."""
-    lines: list[str] = []
-    emit: Callable[[str], None] = lines.append
-    emit(f"# effective configuration from {config.source}")
-    emit("[server]")
-    emit(f"workers = {config.workers}")
-    emit(f"explain_headers = {str(config.explain_headers).lower()}")
+    """Render the effective configuration as TOML text, secrets masked."""
+    lines = [f"# effective configuration from {config.source}", "[server]"]
+    lines.append(f"workers = {config.workers}")
+    lines.append(f"explain_headers = {_toml_value(config.explain_headers)}")
     for listener in config.listeners:
-        emit("\n[[listeners]]")
-        emit(f'address = "{listener.address}"')
+        lines.append("\n[[listeners]]")
+        lines.append(f'address = "{listener.address}"')
         if listener.tls:
-            emit(f'tls_cert = "{listener.tls_cert}"\ntls_key = "{listener.tls_key}"')
+            lines.append(f"tls_cert = {_toml_value(listener.tls_cert)}")
+            lines.append(f"tls_key = {_toml_value(listener.tls_key)}")
     for section in ("timeouts", "limits", "forwarded", "log"):
-        emit(f"\n[{section}]")
-        value = getattr(config, section)
-        for name in value.__dataclass_fields__:
-            emit(f"{name} = {_toml_value(getattr(value, name))}")
-    emit("\n[admin]")
-    emit(f'address = "{config.admin.address or ""}"')
-    emit(f'token = "{"***" if config.admin.token else ""}"')
+        lines.append(f"\n[{section}]")
+        lines.extend(_describe_fields(getattr(config, section)))
+    lines.append("\n[admin]")
+    lines.append(f'address = "{config.admin.address or ""}"')
+    lines.append(f'token = "{"***" if config.admin.token else ""}"')
     for group in config.groups.values():
-        emit(f"\n[groups.{group.name}]")
-        for name in ("policy", "on_pinned_down", "pinned_wait", "retries", "rewrite_host"):
-            emit(f"{name} = {_toml_value(getattr(group, name))}")
-        options = {
-            "ip_hash": group.ip_hash,
-            "hash": group.hash,
-            "cookie": group.cookie,
-            "learn": group.learn,
-        }.get(group.policy)
-        if options is not None:
-            emit(f"[groups.{group.name}.{group.policy}]")
-            for name in options.__dataclass_fields__:
-                value = getattr(options, name)
-                if name in ("secret", "verify_secrets") and value:
-                    value = "***" if isinstance(value, str) else ["***"] * len(value)
-                emit(f"{name} = {_toml_value(value)}")
+        lines.append(f"\n[groups.{group.name}]")
+        for name in (
+            "policy",
+            "on_pinned_down",
+            "pinned_wait",
+            "retries",
+            "rewrite_host",
+        ):
+            lines.append(f"{name} = {_toml_value(getattr(group, name))}")
+        if group.policy in ("ip_hash", "hash", "cookie", "learn"):
+            lines.append(f"[groups.{group.name}.{group.policy}]")
+            lines.extend(_describe_fields(getattr(group, group.policy)))
         if group.health.path:
-            emit(f"[groups.{group.name}.health]")
-            for name in group.health.__dataclass_fields__:
-                emit(f"{name} = {_toml_value(getattr(group.health, name))}")
+            lines.append(f"[groups.{group.name}.health]")
+            lines.extend(_describe_fields(group.health))
         for server in group.servers:
-            emit(f"[[groups.{group.name}.servers]]")
-            for name in server.__dataclass_fields__:
-                emit(f"{name} = {_toml_value(getattr(server, name))}")
+            lines.append(f"[[groups.{group.name}.servers]]")
+            lines.extend(_describe_fields(server))
     for route in config.routes:
-        emit("\n[[routes]]")
-        emit(f'group = "{route.group}"\nhost = "{route.host}"\npath_prefix = "{route.path_prefix}"')
+        lines.append("\n[[routes]]")
+        lines.extend(_describe_fields(route))
     return "\n".join(lines) + "\n"
+
+
+_SECRETS = frozenset({"secret", "verify_secrets", "token", "redis_url"})
+
+
+def _describe_fields(value: Any) -> list[str]:
+    """Render a dataclass's fields as TOML lines, masking secrets."""
+    lines = []
+    for item in fields(value):
+        shown = getattr(value, item.name)
+        if item.name in _SECRETS and shown:
+            shown = "***" if isinstance(shown, str) else ["***"] * len(shown)
+        lines.append(f"{item.name} = {_toml_value(shown)}")
+    return lines
 
 
 def _toml_value(value: object) -> str:

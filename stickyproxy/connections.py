@@ -9,6 +9,7 @@ likely still open) one is reused first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from typing import TYPE_CHECKING, cast
@@ -148,7 +149,9 @@ class UpstreamConnection(asyncio.Protocol):
 class ConnectionPool:
     """Idle keep-alive connections per upstream, and the connecting of new ones."""
 
-    def __init__(self, keepalive: int, idle_timeout: float, connect_timeout: float) -> None:
+    def __init__(
+        self, keepalive: int, idle_timeout: float, connect_timeout: float
+    ) -> None:
         self.keepalive = keepalive
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
@@ -157,7 +160,9 @@ class ConnectionPool:
         self.open: set[UpstreamConnection] = set()
         self.loop = asyncio.get_running_loop()
 
-    def configure(self, keepalive: int, idle_timeout: float, connect_timeout: float) -> None:
+    def configure(
+        self, keepalive: int, idle_timeout: float, connect_timeout: float
+    ) -> None:
         """Apply new limits on reload; connections already open stay."""
         self.keepalive = keepalive
         self.idle_timeout = idle_timeout
@@ -184,7 +189,9 @@ class ConnectionPool:
         except TimeoutError:
             raise UpstreamConnectError(f"connect to {key} timed out") from None
         except OSError as exc:
-            raise UpstreamConnectError(f"connect to {key}: {exc.strerror or exc}") from exc
+            raise UpstreamConnectError(
+                f"connect to {key}: {exc.strerror or exc}"
+            ) from exc
         self.open.add(protocol)
         return protocol
 
@@ -204,10 +211,8 @@ class ConnectionPool:
         self.open.discard(connection)
         stack = self.idle.get(connection.key)
         if stack is not None:
-            try:
+            with contextlib.suppress(ValueError):
                 stack.remove(connection)
-            except ValueError:
-                pass
 
     def expire(self, now: float) -> None:
         """Close connections whose deadline has passed (idle or waiting on a read)."""

@@ -38,7 +38,7 @@ class ConfigError(StickyProxyError, ValueError):
 
 
 class ClientRequestError(StickyProxyError):
-    """The client's request cannot be accepted; the connection closes after the answer."""
+    """The request cannot be accepted; the connection closes after the answer."""
 
     status = 400
     reason = "bad request"
@@ -81,7 +81,7 @@ class NoUpstreamAvailable(UpstreamError):
 
 
 class PinnedUnavailable(NoUpstreamAvailable):
-    """The request is pinned to an upstream that cannot serve, and the group is strict."""
+    """The request is pinned to an upstream that cannot serve; the group is strict."""
 
     reason = "pinned upstream unavailable"
 

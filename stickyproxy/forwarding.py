@@ -65,7 +65,9 @@ class Observer(Protocol):
 
     def request_finished(self, exchange: Exchange) -> None: ...
 
-    def upstream_failed(self, upstream: Upstream, kind: str, now_resting: bool) -> None: ...
+    def upstream_failed(
+        self, upstream: Upstream, kind: str, now_resting: bool
+    ) -> None: ...
 
     def retried(self, group: str) -> None: ...
 
@@ -112,12 +114,19 @@ class ProxyState:
         self.access_log = access_log
         self.trusted = h.TrustedProxies(config.forwarded.trusted_proxies)
         self.routes = [
-            (route.host, route.path_prefix, groups[route.group]) for route in config.routes
+            (route.host, route.path_prefix, groups[route.group])
+            for route in config.routes
         ]
-        self.single = self.routes[0][2] if len(self.routes) == 1 and self.routes[0][:2] == (
-            "",
-            "/",
-        ) else None
+        self.single = (
+            self.routes[0][2]
+            if len(self.routes) == 1
+            and self.routes[0][:2]
+            == (
+                "",
+                "/",
+            )
+            else None
+        )
         limits, timeouts = config.limits, config.timeouts
         self.header_limit = limits.header_bytes
         self.body_limit = limits.body_bytes
@@ -139,7 +148,7 @@ class ProxyState:
 
 
 class Proxy:
-    """The long-lived owner of listeners' client connections and upstream connections."""
+    """The long-lived owner of client connections and upstream connections."""
 
     def __init__(
         self,
@@ -188,7 +197,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.peer_trusted = False
-        #: the exchange being answered, and the one being parsed (the same unless pipelined)
+        #: the exchange being answered, and the one being parsed (differs if pipelined)
         self.active: Exchange | None = None
         self.parsing: Exchange | None = None
         self.queued: deque[Exchange] = deque()
@@ -202,10 +211,13 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it
-        self.transport = cast(asyncio.Transport, transport)
+        self.transport = transport = cast(asyncio.Transport, transport)
         proxy = self.proxy
         state = proxy.state
-        if len(proxy.clients) >= state.config.limits.client_connections or not proxy.accepting:
+        if (
+            len(proxy.clients) >= state.config.limits.client_connections
+            or not proxy.accepting
+        ):
             # over the limit: close at once rather than queue work we cannot do
             transport.abort()
             self.closed = True
@@ -384,10 +396,18 @@ class ClientConnection(asyncio.Protocol):
     def timed_out(self) -> None:
         """Close the connection: idle too long, or too slow sending a request."""
         exchange = self.active or self.parsing
-        if exchange is not None and not exchange.response_started and self.tunnel is None:
-            if exchange is self.parsing and exchange.method:
-                exchange.abandon_upstream()
-                self.write(error_response(408, "request timeout", close=True))
+        # a body that stalls gets a 408; an idle or half-sent head is just closed
+        stalled_body = (
+            exchange is not None
+            and exchange is self.parsing
+            and exchange.method
+            and not exchange.response_started
+            and self.tunnel is None
+        )
+        if stalled_body:
+            assert exchange is not None
+            exchange.abandon_upstream()
+            self.write(error_response(408, "request timeout", close=True))
         self.close()
 
     def close(self) -> None:
@@ -405,9 +425,7 @@ def _parser_error(exc: Exception) -> ClientRequestError:
     return BadRequest(f"malformed request: {text}")
 
 
-def error_response(
-    status: int, detail: str, close: bool, extra: bytes = b""
-) -> bytes:
+def error_response(status: int, detail: str, close: bool, extra: bytes = b"") -> bytes:
     """Return a complete short plain-text response."""
     body = (detail + "\n").encode()
     connection = b"Connection: close\r\n" if close else b""
@@ -573,7 +591,9 @@ class Exchange:
         secure = scheme == b"https"
 
         target = self.target.decode("latin-1")
-        self.view = RequestView(client_ip, self.method, target, self.host, headers, secure)
+        self.view = RequestView(
+            client_ip, self.method, target, self.host, headers, secure
+        )
         group = state.route(self.host, target)
         self.group = group
 
@@ -617,12 +637,14 @@ class Exchange:
         self.head = b"".join(lines)
 
     def start(self) -> None:
-        """Choose an upstream and send the request head; runs when it is this one's turn."""
+        """Choose an upstream and send the request head, when it is this one's turn."""
         if self.client_gone_flag:
             return
         group = self.group
         if group is None:
-            self.fail(NoUpstreamAvailable("no route for this host and path"), log_it=False)
+            self.fail(
+                NoUpstreamAvailable("no route for this host and path"), log_it=False
+            )
             return
         try:
             selection = group.policy.select(self.view, self.tried)  # type: ignore[arg-type]
@@ -699,7 +721,10 @@ class Exchange:
         connection.uses += 1
         connection.received = 0
         connection.deadline = self.client.loop.time() + self.state.read_timeout
-        connection.send(self.head + self._framing_header())
+        head = self.head
+        if self.group is not None and self.group.config.rewrite_host and self.upstream:
+            head += b"Host: %s\r\n" % self.upstream.authority.encode()
+        connection.send(head + self._framing_header())
         buffered = self.body_buffer
         if buffered:
             self.body_buffer = None
@@ -756,7 +781,9 @@ class Exchange:
 
     def touch_upstream(self, connection: UpstreamConnection) -> None:
         """Push the upstream's read deadline forward; it just sent something."""
-        timeout = self.state.tunnel_timeout if connection.tunnel else self.state.read_timeout
+        timeout = (
+            self.state.tunnel_timeout if connection.tunnel else self.state.read_timeout
+        )
         connection.deadline = self.client.loop.time() + timeout
 
     def on_response_status(self, reason: bytes) -> None:
@@ -799,7 +826,9 @@ class Exchange:
         if not self.request_done:
             # answered before the request body ended: the rest of it cannot be trusted
             keep_alive = False
-        use_chunked = (chunked or until_close) and self.version == "1.1" and not bodiless
+        use_chunked = (
+            (chunked or until_close) and self.version == "1.1" and not bodiless
+        )
         if (chunked or until_close) and self.version != "1.1":
             keep_alive = False
         self.chunked_response = use_chunked
@@ -821,10 +850,14 @@ class Exchange:
         selection = self.selection
         if group is not None and selection is not None:
             if group.policy.sticky and self.view is not None:
-                for line in group.policy.on_response(self.view, selection, upstream_headers):
+                for line in group.policy.on_response(
+                    self.view, selection, upstream_headers
+                ):
                     append(line)
             if self.state.explain:
-                append(b"X-Stickyproxy-Upstream: %s\r\n" % selection.upstream.name.encode())
+                append(
+                    b"X-Stickyproxy-Upstream: %s\r\n" % selection.upstream.name.encode()
+                )
                 reason = selection.reason
                 if selection.cause:
                     reason = f"{reason}; {selection.cause}"
@@ -871,8 +904,9 @@ class Exchange:
 
     def on_response_complete(self, connection: UpstreamConnection) -> None:
         """Finish the response; the connection goes back to the pool if it can."""
-        if not self.response_started:
-            # the end of an informational response; the final one follows
+        if not self.response_started or connection.tunnel:
+            # an informational response ended (the final one follows), or a 101 did
+            # (the tunnel follows)
             return
         if self.response_done:
             return
@@ -919,7 +953,9 @@ class Exchange:
 
     # failures
 
-    def upstream_closed(self, connection: UpstreamConnection, exc: Exception | None) -> None:
+    def upstream_closed(
+        self, connection: UpstreamConnection, exc: Exception | None
+    ) -> None:
         """The upstream connection closed while this exchange used it."""
         if self.response_done:
             return
@@ -941,8 +977,10 @@ class Exchange:
             return
         self.upstream_failed(connection, UpstreamTimeout("upstream read timed out"))
 
-    def upstream_failed(self, connection: UpstreamConnection, error: UpstreamError) -> None:
-        """Retry elsewhere if nothing was answered and it is safe, else answer an error."""
+    def upstream_failed(
+        self, connection: UpstreamConnection, error: UpstreamError
+    ) -> None:
+        """Retry elsewhere when that is safe, else answer with an error."""
         upstream = self.upstream
         self.connection = None
         connection.abort()
@@ -987,7 +1025,9 @@ class Exchange:
         resting = upstream.record_failure()
         self.client.proxy.observer.upstream_failed(upstream, kind, resting)
 
-    def _retry_or_fail(self, upstream: Upstream, error: UpstreamError, kind: str) -> None:
+    def _retry_or_fail(
+        self, upstream: Upstream, error: UpstreamError, kind: str
+    ) -> None:
         self._record_failure(upstream, kind)
         self._detach()
         self.tried.append(upstream)
@@ -1003,7 +1043,7 @@ class Exchange:
         self.fail(error)
 
     def fail(self, error: StickyProxyError, log_it: bool = True) -> None:
-        """Answer the client with the error's status, unless a response already began."""
+        """Answer with the error's status, unless a response already began."""
         self._detach()
         if self.response_started or self.client_gone_flag:
             self.client.close()
@@ -1011,7 +1051,13 @@ class Exchange:
         status, reason = status_for(error)
         detail = str(error) or reason
         if log_it:
-            log.warning("%s %s -> %d: %s", self.method, self.target.decode("latin-1"), status, detail)
+            log.warning(
+                "%s %s -> %d: %s",
+                self.method,
+                self.target.decode("latin-1"),
+                status,
+                detail,
+            )
         extra = b""
         if isinstance(error, PinnedUnavailable):
             extra = b"Retry-After: %d\r\n" % error.retry_after
@@ -1019,7 +1065,9 @@ class Exchange:
         self.response_started = True
         self.response_done = True
         keep_alive = self.client_keep_alive and self.request_done
-        self.client.write(error_response(status, reason, close=not keep_alive, extra=extra))
+        self.client.write(
+            error_response(status, reason, close=not keep_alive, extra=extra)
+        )
         self.bytes_out = len(reason) + 1
         self._finish(keep_alive=keep_alive)
 
@@ -1066,7 +1114,9 @@ class Exchange:
             keep_alive = self.client_keep_alive
         self.client.finished(self, keep_alive)
 
-    def _write_access_log(self, access_log: AccessLog, upstream: Upstream | None) -> None:
+    def _write_access_log(
+        self, access_log: AccessLog, upstream: Upstream | None
+    ) -> None:
         view = self.view
         selection = self.selection
         access_log.write(
@@ -1101,5 +1151,3 @@ def _strip_cookie(value: bytes, name: bytes) -> bytes:
     prefix = name + b"="
     kept = [part for part in value.split(b";") if not part.strip().startswith(prefix)]
     return b";".join(kept).strip()
-
-

@@ -19,7 +19,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-#: forwarding headers the proxy writes itself, believing incoming ones only from trusted peers
+#: forwarding headers the proxy writes itself (incoming ones count only if trusted)
 FORWARDING = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
 )
@@ -60,7 +60,9 @@ class TrustedProxies:
     """Answers whether a peer address belongs to a configured trusted network."""
 
     def __init__(self, cidrs: Sequence[str]) -> None:
-        self.networks = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+        self.networks = tuple(
+            ipaddress.ip_network(cidr, strict=False) for cidr in cidrs
+        )
         self.contains = lru_cache(maxsize=4096)(self._contains)
 
     def __bool__(self) -> bool:
@@ -99,7 +101,9 @@ def client_from_xff(values: Sequence[bytes], peer: str, trusted: TrustedProxies)
     return client
 
 
-def client_from_forwarded(values: Sequence[bytes], peer: str, trusted: TrustedProxies) -> str:
+def client_from_forwarded(
+    values: Sequence[bytes], peer: str, trusted: TrustedProxies
+) -> str:
     """Return the client address from RFC 7239 Forwarded ``for=`` parameters."""
     addresses = []
     for value in values:

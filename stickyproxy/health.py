@@ -17,19 +17,20 @@ from stickyproxy.upstreams import Pool, Upstream
 
 log = logging.getLogger(HEALTH_LOGGER)
 
-#: called after every probe with the upstream, the probe's verdict and whether state changed
+#: called after every probe: the upstream, its verdict, whether its state changed
 ProbeListener = Callable[[Upstream, bool, bool], None]
 
 
 async def probe(upstream: Upstream, config: HealthCheckConfig) -> bool:
-    """Send one GET to the upstream's health path; return whether it answered as expected."""
+    """Send one GET to the health path; return whether the answer was as expected."""
     try:
         async with asyncio.timeout(config.timeout):
             reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
             try:
                 writer.write(
                     f"GET {config.path} HTTP/1.1\r\nHost: {upstream.authority}\r\n"
-                    "User-Agent: stickyproxy-health\r\nConnection: close\r\n\r\n".encode()
+                    "User-Agent: stickyproxy-health\r\n"
+                    "Connection: close\r\n\r\n".encode()
                 )
                 status_line = await reader.readline()
             finally:

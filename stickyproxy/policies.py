@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from stickyproxy.hash_policies import Hash, IpHash
 from stickyproxy.selection import LeastConn, Policy, RandomTwo, RoundRobin
 from stickyproxy.upstreams import Pool
 
@@ -9,6 +10,8 @@ _SIMPLE: dict[str, type[Policy]] = {
     "round_robin": RoundRobin,
     "least_conn": LeastConn,
     "random": RandomTwo,
+    "ip_hash": IpHash,
+    "hash": Hash,
 }
 
 

@@ -10,7 +10,7 @@ their fallback.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from http.cookies import SimpleCookie
 from typing import ClassVar
 from urllib.parse import parse_qsl, urlsplit
@@ -24,7 +24,15 @@ NO_EXCLUSIONS: frozenset[Upstream] = frozenset()
 class RequestView:
     """What a policy may know of a request: client address, target and headers."""
 
-    __slots__ = ("_cookies", "client_ip", "headers", "host", "method", "secure", "target")
+    __slots__ = (
+        "_cookies",
+        "client_ip",
+        "headers",
+        "host",
+        "method",
+        "secure",
+        "target",
+    )
 
     def __init__(
         self,
@@ -68,16 +76,18 @@ class RequestView:
 
     def query_arg(self, name: str) -> str | None:
         """Return the first value of a query argument."""
-        for key, value in parse_qsl(urlsplit(self.target).query, keep_blank_values=True):
+        for key, value in parse_qsl(
+            urlsplit(self.target).query, keep_blank_values=True
+        ):
             if key == name:
                 return value
         return None
 
 
-def parse_cookies(lines: Collection[bytes] | object) -> dict[str, list[str]]:
+def parse_cookies(lines: Iterable[bytes]) -> dict[str, list[str]]:
     """Parse Cookie header values leniently, keeping duplicate names."""
     cookies: dict[str, list[str]] = {}
-    for line in lines:  # type: ignore[attr-defined]
+    for line in lines:
         for part in line.decode("latin-1").split(";"):
             name, sep, value = part.strip().partition("=")
             if sep and name:
@@ -90,7 +100,7 @@ def parse_set_cookie_name(value: bytes) -> tuple[str, str] | None:
     cookie: SimpleCookie = SimpleCookie()
     try:
         cookie.load(value.decode("latin-1"))
-    except Exception:  # noqa: BLE001 - http.cookies raises assorted errors
+    except Exception:
         return None
     for morsel in cookie.values():
         return morsel.key, morsel.value
@@ -136,7 +146,9 @@ class Policy:
         if exclude:
             available = [u for u in available if u not in exclude]
             if not available:
-                available = [u for u in self.pool.backups if u.available and u not in exclude]
+                available = [
+                    u for u in self.pool.backups if u.available and u not in exclude
+                ]
         return available
 
 
@@ -182,7 +194,9 @@ class RoundRobin(Policy):
         return Selection(candidates[random.randrange(len(candidates))], "new")
 
 
-def smooth_weighted_order(upstreams: Sequence[Upstream], limit: int = 1 << 16) -> list[Upstream]:
+def smooth_weighted_order(
+    upstreams: Sequence[Upstream], limit: int = 1 << 16
+) -> list[Upstream]:
     """Return one cycle of nginx's smooth weighted round robin over upstreams."""
     if not upstreams:
         return []
@@ -233,7 +247,7 @@ class LeastConn(Policy):
         if not candidates:
             return None
 
-        # compare active/weight without division: a.active * b.weight < b.active * a.weight
+        # compare active/weight by cross-multiplying, avoiding division
         best: list[Upstream] = []
         best_active, best_weight = 0, 1
         for upstream in candidates:

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from stickyproxy.config import Config, ConfigError, Overrides, load_config
+from stickyproxy.config import Config, Overrides, load_config
 from stickyproxy.connections import ConnectionPool
+from stickyproxy.errors import ConfigError
 from stickyproxy.forwarding import Group, NullObserver, Observer, Proxy, ProxyState
 from stickyproxy.health import HealthChecker, ProbeListener
 from stickyproxy.log import SERVER_LOGGER, AccessLog
@@ -47,7 +48,7 @@ def build_state(
 
 
 class ProxyServer:
-    """One worker: owns the listeners, the proxy, its background tasks and its policies."""
+    """One worker: owns its listeners, proxy, background tasks and policies."""
 
     def __init__(
         self,
@@ -116,7 +117,9 @@ class ProxyServer:
             except OSError as exc:
                 await self.close()
                 raise ConfigError(
-                    config.source, "listeners", f"cannot listen on {listener.address}: {exc.strerror}"
+                    config.source,
+                    "listeners",
+                    f"cannot listen on {listener.address}: {exc.strerror}",
                 ) from exc
             self.servers.append(server)
             for sock in server.sockets:
@@ -157,7 +160,7 @@ class ProxyServer:
         )
 
     async def reload(self) -> bool:
-        """Re-read the configuration file and apply it; keep the old one if it is bad."""
+        """Re-read the configuration file and apply it; keep the old one if bad."""
         if self.config_path is None:
             log.warning("reload ignored: started without a configuration file")
             return False
@@ -195,7 +198,7 @@ class ProxyServer:
             listener(ok)
 
     async def shutdown(self, grace: float | None = None) -> None:
-        """Stop accepting, let in-flight requests finish within the grace period, close."""
+        """Stop accepting, let in-flight requests finish within the grace, close."""
         if self.proxy is None:
             return
         grace = self.config.timeouts.grace if grace is None else grace

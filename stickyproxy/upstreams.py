@@ -117,7 +117,9 @@ class Upstream:
         """Set up, drain or down; return whether it changed."""
         if state == self.admin_state:
             return False
-        log.info("upstream %s/%s %s -> %s", self.group, self.name, self.admin_state, state)
+        log.info(
+            "upstream %s/%s %s -> %s", self.group, self.name, self.admin_state, state
+        )
         self.admin_state = state
         return True
 
@@ -193,7 +195,8 @@ class Pool:
         self.config = config
         self.name = config.name
         self.upstreams = tuple(
-            Upstream(server, config.name, index) for index, server in enumerate(config.servers)
+            Upstream(server, config.name, index)
+            for index, server in enumerate(config.servers)
         )
         self.primaries = tuple(u for u in self.upstreams if not u.backup)
         self.backups = tuple(u for u in self.upstreams if u.backup)

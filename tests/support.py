@@ -29,17 +29,21 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> 
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{host}:{port} did not open in {timeout}s") from None
+                raise TimeoutError(
+                    f"{host}:{port} did not open in {timeout}s"
+                ) from None
             time.sleep(0.02)
 
 
 class RedisServer:
-    """A private redis-server on a free loopback port that a test may stop and restart."""
+    """A private redis-server on a free loopback port, to stop and restart at will."""
 
     def __init__(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+            raise RuntimeError(
+                "redis-server is not installed (apt-get install redis-server)"
+            )
         self.binary = binary
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="stickyproxy-redis-")
@@ -54,11 +58,16 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self.dir,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
