@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 
@@ -42,7 +43,7 @@ def test_round_robin_is_smooth_for_unequal_weights() -> None:
         assert Counter(names[start : start + 7]) == {0: 5, 1: 1, 2: 1}
     # ...and is smooth: the light ones are spread apart, never a run of five heavy
     longest = run = 1
-    for before, after in zip(names, names[1:], strict=False):
+    for before, after in itertools.pairwise(names):
         run = run + 1 if before == after else 1
         longest = max(longest, run)
         assert {before, after} != {1, 2}
