@@ -491,6 +491,9 @@ def _read_hash(table: _Table) -> HashConfig:
 _FALLBACKS = ("round_robin", "least_conn", "random", "ip_hash")
 
 
+_NOT_IN_ATTRIBUTES = ';,"\t\r\n\0'
+
+
 def _read_cookie(table: _Table) -> CookieConfig:
     name = table.string("name", "stickyproxy")
     if not name or any(c in name for c in ' =;,"\t\r\n'):
@@ -501,12 +504,19 @@ def _read_cookie(table: _Table) -> CookieConfig:
         raise table.fail(
             "samesite", "SameSite=None needs Secure; set secure to auto or always"
         )
+    # path and domain are written into Set-Cookie as they are
+    path = table.string("path", "/")
+    if not path.startswith("/") or any(c in path for c in _NOT_IN_ATTRIBUTES):
+        raise table.fail("path", f"expected a path starting with '/', got {path!r}")
+    domain = table.string("domain", "")
+    if any(c in domain for c in _NOT_IN_ATTRIBUTES + " "):
+        raise table.fail("domain", f"expected a domain name, got {domain!r}")
     config = CookieConfig(
         name=name,
         secret=table.string("secret", ""),
         verify_secrets=table.strings("verify_secrets", ()),
-        path=table.string("path", "/"),
-        domain=table.string("domain", ""),
+        path=path,
+        domain=domain,
         max_age=table.integer("max_age", 0),
         server_max_age=table.integer("server_max_age", 0),
         httponly=table.boolean("httponly", True),
@@ -841,7 +851,22 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(source, "", f"is not valid TOML ({exc})") from None
     config = _read_config(_Table(source, "", document))
-    return _check(_apply_overrides(config, overrides, source))
+    config = _apply_overrides(config, overrides, source)
+    return _check(_cookie_secret_from(environ, config))
+
+
+def _cookie_secret_from(environ: Mapping[str, str], config: Config) -> Config:
+    """Give cookie groups without a secret the one in STICKYPROXY_COOKIE_SECRET."""
+    secret = environ.get(ENV_PREFIX + "COOKIE_SECRET", "")
+    if not secret:
+        return config
+    groups = {
+        name: group
+        if group.cookie.secret
+        else replace(group, cookie=replace(group.cookie, secret=secret))
+        for name, group in config.groups.items()
+    }
+    return replace(config, groups=groups)
 
 
 def describe(config: Config) -> str:
