@@ -113,6 +113,9 @@ class _Sticky(Policy):
     async def close(self) -> None:
         await self.fallback.close()
 
+    def adopt(self, previous: Policy) -> None:
+        """Carry over what the policy it replaces on a reload has learned."""
+
     def pinned_counts(self) -> dict[str, int]:
         """Return pins per upstream name."""
         raise NotImplementedError
@@ -309,6 +312,13 @@ class CookieAffinity(_Sticky):
             self._attributes[secure],
         )
 
+    def adopt(self, previous: Policy) -> None:
+        """Keep counting pins where the replaced policy left off."""
+        # verified cookies are not carried over: the keys may have changed
+        if isinstance(previous, CookieAffinity):
+            for upstream_id, issued in previous._issued.items():
+                self._issued[upstream_id] = self._issued.get(upstream_id, 0) + issued
+
     def pinned_counts(self) -> dict[str, int]:
         """Return the pins issued per upstream name since start."""
         by_id = self.pool.by_id
@@ -495,6 +505,11 @@ class LearnedAffinity(_Sticky):
         self.table.delete(key)
         if self.store is not None:
             self.store.delete(key)
+
+    def adopt(self, previous: Policy) -> None:
+        """Take over the replaced policy's session table, so a reload forgets no pin."""
+        if isinstance(previous, LearnedAffinity):
+            self.table.absorb(previous.table)
 
     def pinned_counts(self) -> dict[str, int]:
         """Return the sessions pinned per upstream name in this process's table."""

@@ -99,14 +99,25 @@ class SessionTable:
         self._pins[key] = pin
         self._counts[upstream_id] = self._counts.get(upstream_id, 0) + 1
 
-        # idle pins sit at the front: sweep them, then keep within the bound
+        self._sweep(now)
+        return pin
+
+    def _sweep(self, now: float) -> None:
+        """Drop idle pins from the front, then the oldest beyond the bound."""
         pins = self._pins
         while pins:
             oldest_key, oldest = next(iter(pins.items()))
             if len(pins) <= self.max_entries and now - oldest.used <= self.idle_timeout:
                 break
             self._remove(oldest_key)
-        return pin
+
+    def absorb(self, other: SessionTable) -> None:
+        """Take the pins of another table, keeping their order and times."""
+        for key, pin in other._pins.items():
+            self._remove(key)
+            self._pins[key] = pin
+            self._counts[pin.upstream_id] = self._counts.get(pin.upstream_id, 0) + 1
+        self._sweep(self.clock())
 
     def delete(self, key: str) -> bool:
         """Forget the session; return whether it was known."""

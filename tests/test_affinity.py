@@ -669,3 +669,21 @@ def test_learn_without_redis_needs_no_lookup() -> None:
     assert not policy.needs_lookup(request("connect.sid=a"))
     assert not policy.redis_connected
     assert policy.redis_errors == 0
+
+
+def test_reload_keeps_learned_pins_and_issued_counts() -> None:
+    clock = Clock()
+    old = learn_policy(clock)
+    login = answer(old, request(), "connect.sid=a")
+    new = learn_policy(clock, max_entries=10)
+    new.adopt(old)
+    kept = answer(new, request("connect.sid=a"))
+    assert (kept.upstream.id, kept.reason) == (login.upstream.id, "pinned")
+    assert new.pinned_counts() == {login.upstream.name: 1}
+
+    old_cookie = cookie_policy()
+    place(old_cookie, request())
+    new_cookie = cookie_policy()
+    new_cookie.adopt(old_cookie)
+    new_cookie.adopt(old)
+    assert sum(new_cookie.pinned_counts().values()) == 1
