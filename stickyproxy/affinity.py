@@ -396,6 +396,11 @@ class LearnedAffinity(_Sticky):
         """Return how many Redis commands or pipelines failed."""
         return self.store.errors if self.store is not None else 0
 
+    @property
+    def redis_latency(self) -> float | None:
+        """Return the seconds the last successful Redis command took, if any."""
+        return self.store.latency if self.store is not None else None
+
     async def start(self) -> None:
         await super().start()
         if self.store is not None:

@@ -17,8 +17,8 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Awaitable, Callable
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
@@ -29,6 +29,8 @@ from redis.exceptions import RedisError
 from stickyproxy.log import AFFINITY_LOGGER
 
 log = logging.getLogger(AFFINITY_LOGGER)
+
+T = TypeVar("T")
 
 #: what a failing Redis raises: its own errors, socket errors and timeouts
 REDIS_ERRORS = (RedisError, OSError)
@@ -152,6 +154,8 @@ class RedisMirror:
         self.dropped = 0
         #: lookups made for sessions missing from the local table
         self.lookups = 0
+        #: seconds the last successful command or pipeline took; None before one
+        self.latency: float | None = None
         # one immediate retry heals a pooled connection that a Redis restart broke
         self._client = Redis.from_url(
             url,
@@ -168,7 +172,7 @@ class RedisMirror:
     async def start(self) -> None:
         """Check that Redis answers, then start the background writer."""
         try:
-            await self._client.ping()
+            await self._timed(self._client.ping())
         except REDIS_ERRORS as exc:
             self._fault(exc)
         else:
@@ -212,7 +216,7 @@ class RedisMirror:
         """Return the upstream id Redis holds for the session, or None."""
         self.lookups += 1
         try:
-            value = await self._client.get(self.prefix + key)
+            value = await self._timed(self._client.get(self.prefix + key))
         except REDIS_ERRORS as exc:
             self._fault(exc)
             return None
@@ -226,7 +230,7 @@ class RedisMirror:
         while True:
             if not self.connected:
                 try:
-                    await self._client.ping()
+                    await self._timed(self._client.ping())
                 except REDIS_ERRORS as exc:
                     self._fault(exc)
                     failures += 1
@@ -263,7 +267,7 @@ class RedisMirror:
                 pipe.set(name, upstream_id, ex=ttl, nx=True)
                 pipe.expire(name, ttl)
         try:
-            await pipe.execute()
+            await self._timed(pipe.execute())
         except BaseException:
             # a newer write of the same key, queued meanwhile, wins over the old one
             for key, operation in reversed(batch):
@@ -271,6 +275,13 @@ class RedisMirror:
                     pending[key] = operation
                     pending.move_to_end(key, last=False)
             raise
+
+    async def _timed(self, command: Awaitable[T]) -> T:
+        """Await a Redis command and record how long it took."""
+        started = time.monotonic()
+        result = await command
+        self.latency = time.monotonic() - started
+        return result
 
     def _fault(self, exc: BaseException) -> None:
         self.errors += 1

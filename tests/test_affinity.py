@@ -669,6 +669,7 @@ def test_learn_without_redis_needs_no_lookup() -> None:
     assert not policy.needs_lookup(request("connect.sid=a"))
     assert not policy.redis_connected
     assert policy.redis_errors == 0
+    assert policy.redis_latency is None
 
 
 def test_reload_keeps_learned_pins_and_issued_counts() -> None:

@@ -411,6 +411,7 @@ async def test_learn_policies_sharing_redis_find_each_others_pins(
     second = LearnedAffinity(learn_pool(redis.url, urls))
     async with started(first), started(second):
         assert first.redis_connected and second.redis_connected
+        assert first.redis_latency is not None and first.redis_latency < 1.0
         login = first.select(view())
         assert login is not None
         header = [(b"Set-Cookie", b"connect.sid=s1; Path=/")]
