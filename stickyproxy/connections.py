@@ -32,9 +32,11 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "deadline",
         "exchange",
+        "headers",
         "key",
         "parser",
         "pool",
+        "reason",
         "received",
         "transport",
         "tunnel",
@@ -54,6 +56,9 @@ class UpstreamConnection(asyncio.Protocol):
         #: monotonic time after which the connection is timed out; 0 means none
         self.deadline = 0.0
         self.tunnel = False
+        #: the status reason and headers of the response being parsed
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
 
     # asyncio callbacks
 
@@ -72,6 +77,10 @@ class UpstreamConnection(asyncio.Protocol):
             exchange.tunnel_to_client(data)
             return
         exchange.touch_upstream(self)
+
+        # a small response's head and body then reach the client in one send
+        client = exchange.client
+        client.cork()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -80,7 +89,8 @@ class UpstreamConnection(asyncio.Protocol):
             if self.exchange is exchange:
                 error = UpstreamProtocolError(f"invalid response: {exc}")
                 exchange.upstream_failed(self, error)
-            return
+        finally:
+            client.uncork()
 
     def eof_received(self) -> bool:
         return False
@@ -103,12 +113,10 @@ class UpstreamConnection(asyncio.Protocol):
     # httptools callbacks, forwarded to the exchange
 
     def on_status(self, reason: bytes) -> None:
-        if self.exchange is not None:
-            self.exchange.on_response_status(reason)
+        self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.exchange is not None:
-            self.exchange.on_response_header(name, value)
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self.exchange is not None:

@@ -50,6 +50,37 @@ selection_log = logging.getLogger(SELECTION_LOGGER)
 # bytes of request body held while no upstream connection takes them yet
 BODY_BUFFER_LIMIT = 256 * 1024
 
+# request headers a proxy looks at; every other header is copied as it came
+_HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _UPGRADE = 1, 2, 3, 4, 5
+_XFF, _FORWARDED, _XF_PROTO, _DROPPED = 6, 7, 8, 9
+_REQUEST_HEADERS = {
+    b"host": _HOST,
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
+    b"upgrade": _UPGRADE,
+    b"x-forwarded-for": _XFF,
+    b"forwarded": _FORWARDED,
+    b"x-forwarded-proto": _XF_PROTO,
+    b"x-forwarded-host": _DROPPED,
+    b"keep-alive": _DROPPED,
+    b"proxy-connection": _DROPPED,
+    b"te": _DROPPED,
+    b"trailer": _DROPPED,
+}
+
+# response headers a proxy looks at; hop-by-hop ones map to _DROPPED
+_RESPONSE_HEADERS = {
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
+    b"upgrade": _UPGRADE,
+    b"keep-alive": _DROPPED,
+    b"proxy-connection": _DROPPED,
+    b"te": _DROPPED,
+    b"trailer": _DROPPED,
+}
+
 # why client reading is paused; reading resumes when no reason is left
 PAUSE_UPSTREAM_FULL = 1
 PAUSE_PIPELINE = 2
@@ -197,6 +228,10 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.peer_trusted = False
+        self.peer_bytes = b""
+        #: the Forwarded element naming this peer, built once per connection
+        self.forwarded_for = b""
+        self.scheme = b"https" if secure else b"http"
         #: the exchange being answered, and the one being parsed (differs if pipelined)
         self.active: Exchange | None = None
         self.parsing: Exchange | None = None
@@ -206,6 +241,8 @@ class ClientConnection(asyncio.Protocol):
         self.error: ClientRequestError | None = None
         self.tunnel: UpstreamConnection | None = None
         self.closed = False
+        #: writes held back to leave together (see cork)
+        self.corked: list[bytes] | None = None
 
     # asyncio callbacks
 
@@ -229,6 +266,8 @@ class ClientConnection(asyncio.Protocol):
         if self.peer.startswith("::ffff:"):
             self.peer = self.peer[7:]
         self.peer_trusted = bool(state.trusted) and state.trusted.contains(self.peer)
+        self.peer_bytes = self.peer.encode()
+        self.forwarded_for = b"for=" + h.forwarded_node(self.peer).encode()
         self.deadline = self.loop.time() + state.client_header_timeout
 
     def data_received(self, data: bytes) -> None:
@@ -348,9 +387,25 @@ class ClientConnection(asyncio.Protocol):
             transport.pause_reading()
 
     def write(self, data: bytes) -> None:
-        """Write response bytes to the client."""
-        if self.transport is not None and not self.closed:
+        """Write response bytes to the client, or hold them while corked."""
+        if self.corked is not None:
+            self.corked.append(data)
+        elif self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def cork(self) -> None:
+        """Hold writes until uncork, so that one response leaves in one send."""
+        if self.corked is None:
+            self.corked = []
+
+    def uncork(self) -> None:
+        """Send what was held since cork with a single system call."""
+        held, self.corked = self.corked, None
+        if held and self.transport is not None and not self.closed:
+            if len(held) == 1:
+                self.transport.write(held[0])
+            else:
+                self.transport.writelines(held)
 
     def finished(self, exchange: Exchange, keep_alive: bool) -> None:
         """Move on after an exchange is answered: the next request, idle, or close."""
@@ -412,6 +467,7 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close after flushing what was written."""
+        self.uncork()
         if self.tunnel is not None:
             self.tunnel.close()
             self.tunnel = None
@@ -471,12 +527,14 @@ class Exchange:
         "response_headers",
         "response_reason",
         "response_started",
+        "response_time",
         "response_until_close",
         "selection",
         "start_time",
         "state",
         "status",
         "target",
+        "task",
         "tried",
         "upgrade",
         "upstream",
@@ -516,11 +574,15 @@ class Exchange:
         self.response_reason = b""
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.response_started = False
+        #: loop time the upstream's final response head arrived; 0 until then
+        self.response_time = 0.0
         self.response_done = False
         self.response_until_close = False
         self.chunked_response = False
         self.bytes_out = 0
         self.client_gone_flag = False
+        #: the task of a step that waits (connecting, a store lookup), kept referenced
+        self.task: asyncio.Task[None] | None = None
 
     # the request
 
@@ -535,32 +597,41 @@ class Exchange:
         proto = host = b""
         upgrade_value = b""
         transfer_encoding = False
+
+        # one pass: ordinary headers are copied as they come, the few that matter to
+        # a proxy are noted (and hop-by-hop and forwarding ones left out)
+        lines = [b"%s %s HTTP/1.1\r\n" % (self.method.encode(), self.target)]
+        append = lines.append
+        special = _REQUEST_HEADERS
         for name, value in headers:
-            lname = name.lower()
-            if lname == b"host":
+            kind = special.get(name.lower())
+            if kind is None:
+                append(b"%s: %s\r\n" % (name, value))
+            elif kind == _HOST:
                 host = value
-            elif lname == b"content-length":
+                append(b"%s: %s\r\n" % (name, value))
+            elif kind == _CONTENT_LENGTH:
                 content_lengths.append(value)
-            elif lname == b"transfer-encoding":
+            elif kind == _TRANSFER_ENCODING:
                 transfer_encoding = True
-            elif lname == b"connection":
+            elif kind == _CONNECTION:
                 connection_values.append(value)
-            elif lname == b"upgrade":
+            elif kind == _UPGRADE:
                 upgrade_value = value
-            elif lname == b"x-forwarded-for":
+            elif kind == _XFF:
                 xff.append(value)
-            elif lname == b"forwarded":
+            elif kind == _FORWARDED:
                 forwarded.append(value)
-            elif lname == b"x-forwarded-proto":
+            elif kind == _XF_PROTO:
                 proto = value
 
         # framing: refuse anything a server behind us could read differently
         if transfer_encoding and content_lengths:
             raise BadRequest("both Content-Length and Transfer-Encoding")
-        if len(set(content_lengths)) > 1:
-            raise BadRequest("conflicting Content-Length headers")
         if content_lengths:
             text = content_lengths[0]
+            if len(content_lengths) > 1 and len(set(content_lengths)) > 1:
+                raise BadRequest("conflicting Content-Length headers")
             if not text.isdigit():
                 raise BadRequest("invalid Content-Length")
             self.content_length = int(text)
@@ -568,73 +639,78 @@ class Exchange:
                 raise BodyTooLarge()
         self.chunked_request = transfer_encoding
         self.is_head = self.method == "HEAD"
-        if self.version == "1.1" and not host:
+        if not host and self.version == "1.1":
             raise BadRequest("missing Host header")
-
-        self.host = host.decode("latin-1").rpartition(":")[0] or host.decode("latin-1")
-        if host.startswith(b"[") and not host.endswith(b"]"):
-            self.host = host.decode("latin-1").rpartition(":")[0]
+        self.host = _host_name(host)
 
         # who the client is: believe forwarding headers only from trusted peers
-        peer = client.peer
         trusted = client.peer_trusted
-        client_ip = peer
+        client_ip = client.peer
+        scheme = client.scheme
         if trusted:
             source = state.config.forwarded.client_address
             if source == "x-forwarded-for" and xff:
-                client_ip = h.client_from_xff(xff, peer, state.trusted)
+                client_ip = h.client_from_xff(xff, client_ip, state.trusted)
             elif source == "forwarded" and forwarded:
-                client_ip = h.client_from_forwarded(forwarded, peer, state.trusted)
-        scheme = b"https" if client.secure else b"http"
-        if trusted and proto:
-            scheme = proto.split(b",")[0].strip().lower()
-        secure = scheme == b"https"
+                client_ip = h.client_from_forwarded(forwarded, client_ip, state.trusted)
+            if proto:
+                scheme = proto.split(b",")[0].strip().lower()
 
         target = self.target.decode("latin-1")
         self.view = RequestView(
-            client_ip, self.method, target, self.host, headers, secure
+            client_ip, self.method, target, self.host, headers, scheme == b"https"
         )
         group = state.route(self.host, target)
         self.group = group
 
-        # the forwarded head: hop-by-hop headers out, our forwarding headers in
-        # Content-Length is written again with the framing, once
-        drop = h.REQUEST_DROP
-        if connection_values:
-            drop = drop | h.connection_tokens(connection_values)
+        # rare cases need the careful filter: headers named by Connection, a cookie
+        # to strip, or a Host to replace
+        extra_tokens = h.extra_connection_tokens(connection_values)
+        if extra_tokens or (
+            group is not None
+            and (group.policy.strip_cookie is not None or group.config.rewrite_host)
+        ):
+            lines = self._filtered_head(lines[0], extra_tokens or frozenset())
+            append = lines.append
+
+        peer = client.peer_bytes
+        xff_out = b", ".join([*xff, peer]) if trusted and xff else peer
+        element = client.forwarded_for + b";proto=" + scheme
+        if host:
+            element += b';host="%s"' % host.replace(b'"', b"")
+        if trusted and forwarded:
+            element = b", ".join([*forwarded, element])
+        append(
+            b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nForwarded: %s\r\n"
+            % (xff_out, scheme, element)
+        )
+        if host:
+            append(b"X-Forwarded-Host: %s\r\n" % host)
+        if self.upgrade:
+            append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % upgrade_value)
+        if transfer_encoding:
+            append(b"Transfer-Encoding: chunked\r\n")
+        self.head = b"".join(lines)
+
+    def _filtered_head(
+        self, request_line: bytes, drop_also: frozenset[bytes]
+    ) -> list[bytes]:
+        """Copy the request's headers again, applying every rule of the group."""
+        group = self.group
         strip_cookie = group.policy.strip_cookie if group is not None else None
         rewrite_host = group is not None and group.config.rewrite_host
-        lines = [b"%s %s HTTP/1.1\r\n" % (self.method.encode(), self.target)]
-        append = lines.append
-        for name, value in headers:
+        drop = h.REQUEST_DROP | drop_also
+        lines = [request_line]
+        for name, value in self.headers:
             lname = name.lower()
-            if lname in drop:
-                continue
-            if lname == b"host" and rewrite_host:
+            if lname in drop or (lname == b"host" and rewrite_host):
                 continue
             if strip_cookie is not None and lname == b"cookie":
                 value = _strip_cookie(value, strip_cookie)
                 if not value:
                     continue
-            append(b"%s: %s\r\n" % (name, value))
-
-        peer_bytes = peer.encode()
-        xff_out = b", ".join([*xff, peer_bytes]) if trusted and xff else peer_bytes
-        append(b"X-Forwarded-For: %s\r\n" % xff_out)
-        append(b"X-Forwarded-Proto: %s\r\n" % scheme)
-        if host:
-            append(b"X-Forwarded-Host: %s\r\n" % host)
-        element = b"for=%s;proto=%s" % (h.forwarded_node(peer).encode(), scheme)
-        if host:
-            element += b';host="%s"' % host.replace(b'"', b"")
-        if trusted and forwarded:
-            element = b", ".join([*forwarded, element])
-        append(b"Forwarded: %s\r\n" % element)
-        if self.upgrade:
-            append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % upgrade_value)
-        if self.chunked_request:
-            append(b"Transfer-Encoding: chunked\r\n")
-        self.head = b"".join(lines)
+            lines.append(b"%s: %s\r\n" % (name, value))
+        return lines
 
     def start(self) -> None:
         """Choose an upstream and send the request head, when it is this one's turn."""
@@ -646,11 +722,26 @@ class Exchange:
                 NoUpstreamAvailable("no route for this host and path"), log_it=False
             )
             return
+        assert self.view is not None
+        if not self.tried and group.policy.needs_lookup(self.view):
+            # a pin another proxy may have learned: ask the shared store first
+            self.task = self.client.loop.create_task(self._lookup_then_select(group))
+            return
+        self._select(group)
+
+    async def _lookup_then_select(self, group: Group) -> None:
+        assert self.view is not None
+        await group.policy.prefetch(self.view)
+        if not self.client_gone_flag:
+            self._select(group)
+
+    def _select(self, group: Group) -> None:
+        """Ask the group's policy for an upstream and send the request there."""
         try:
             selection = group.policy.select(self.view, self.tried)  # type: ignore[arg-type]
         except PinnedUnavailable as exc:
             if exc.wait and not self.tried:
-                self.client.loop.create_task(self._wait_for_pin(group))
+                self.task = self.client.loop.create_task(self._wait_for_pin(group))
             else:
                 self.fail(exc)
             return
@@ -673,7 +764,7 @@ class Exchange:
         if connection is not None:
             self._send(connection)
         else:
-            self.client.loop.create_task(self._connect(upstream))
+            self.task = self.client.loop.create_task(self._connect(upstream))
 
     async def _wait_for_pin(self, group: Group) -> None:
         """Retry the pinned upstream until it serves or the group's wait runs out."""
@@ -684,7 +775,7 @@ class Exchange:
                 group.policy.select(self.view, self.tried)  # type: ignore[arg-type]
             except PinnedUnavailable:
                 continue
-            self.start()
+            self._select(group)
             return
         if not self.client_gone_flag:
             self.fail(PinnedUnavailable(1))
@@ -786,37 +877,53 @@ class Exchange:
         )
         connection.deadline = self.client.loop.time() + timeout
 
-    def on_response_status(self, reason: bytes) -> None:
-        self.response_reason += reason
-
-    def on_response_header(self, name: bytes, value: bytes) -> None:
-        self.response_headers.append((name, value))
-
     def on_response_headers_complete(self, connection: UpstreamConnection) -> None:
         """Write the response head to the client, with the proxy's own headers."""
         status = connection.parser.get_status_code()
+        self.response_reason, connection.reason = connection.reason, b""
+        self.response_headers, connection.headers = connection.headers, []
         if 100 <= status < 200 and status != 101:
             self._relay_informational(status)
             return
         self.status = status
         self.response_started = True
+        self.response_time = self.client.loop.time()
         upstream_headers = self.response_headers
-        connection_values = []
-        content_length = False
-        chunked = False
-        for name, value in upstream_headers:
-            lname = name.lower()
-            if lname == b"connection":
-                connection_values.append(value)
-            elif lname == b"content-length":
-                content_length = True
-            elif lname == b"transfer-encoding":
-                chunked = True
 
-        drop = h.HOP_BY_HOP
-        if connection_values:
-            drop = drop | h.connection_tokens(connection_values)
+        # one pass, as for requests: copy ordinary headers, note the framing ones
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, self.response_reason)]
+        append = lines.append
+        connection_values = []
+        content_length = chunked = False
+        upgrade_line = b""
+        special = _RESPONSE_HEADERS
+        for name, value in upstream_headers:
+            kind = special.get(name.lower())
+            if kind is None:
+                append(b"%s: %s\r\n" % (name, value))
+            elif kind == _CONTENT_LENGTH:
+                content_length = True
+                append(b"%s: %s\r\n" % (name, value))
+            elif kind == _TRANSFER_ENCODING:
+                chunked = True
+            elif kind == _CONNECTION:
+                connection_values.append(value)
+            elif kind == _UPGRADE:
+                upgrade_line = b"%s: %s\r\n" % (name, value)
+        extra_tokens = h.extra_connection_tokens(connection_values)
+        if extra_tokens or (chunked and content_length):
+            drop = h.HOP_BY_HOP | (extra_tokens or frozenset())
+            if chunked:
+                drop |= {b"content-length"}
+            lines = lines[:1]
+            append = lines.append
+            for name, value in upstream_headers:
+                if name.lower() not in drop:
+                    append(b"%s: %s\r\n" % (name, value))
+
         upgraded = status == 101 and self.upgrade
+        if upgraded and upgrade_line:
+            append(upgrade_line)
         bodiless = self.is_head or status in (204, 304) or upgraded
         if chunked:
             content_length = False
@@ -833,18 +940,6 @@ class Exchange:
             keep_alive = False
         self.chunked_response = use_chunked
         self.client_keep_alive = keep_alive
-
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, self.response_reason)]
-        append = lines.append
-        for name, value in upstream_headers:
-            lname = name.lower()
-            if lname in drop:
-                if upgraded and lname == b"upgrade":
-                    append(b"%s: %s\r\n" % (name, value))
-                continue
-            if lname == b"content-length" and chunked:
-                continue
-            append(b"%s: %s\r\n" % (name, value))
 
         group = self.group
         selection = self.selection
@@ -889,8 +984,6 @@ class Exchange:
                 lines.append(b"%s: %s\r\n" % (name, value))
         lines.append(b"\r\n")
         self.client.write(b"".join(lines))
-        self.response_headers = []
-        self.response_reason = b""
 
     def on_response_body(self, body: bytes) -> None:
         """Stream a piece of the response body to the client."""
@@ -995,7 +1088,7 @@ class Exchange:
         safe = self.method in h.IDEMPOTENT_METHODS and self.body_sent_bytes == 0
         if stale and safe and self.content_length <= 0 and not self.chunked_request:
             # a reused connection the upstream had closed: try once on a fresh one
-            self.client.loop.create_task(self._reconnect(upstream))
+            self.task = self.client.loop.create_task(self._reconnect(upstream))
             return
         kind = "timeout" if isinstance(error, UpstreamTimeout) else "reset"
         if isinstance(error, UpstreamTimeout) or not safe or self.request_started_body:
@@ -1137,6 +1230,14 @@ class Exchange:
     def duration(self) -> float:
         """Return seconds since the request began."""
         return self.client.loop.time() - self.start_time
+
+
+def _host_name(host: bytes) -> str:
+    """Return the host part of a Host header value, without the port."""
+    text = host.decode("latin-1")
+    if text.startswith("["):
+        return text[: text.find("]") + 1]
+    return text.partition(":")[0]
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:

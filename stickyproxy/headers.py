@@ -56,6 +56,18 @@ def connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
+_PLAIN_CONNECTION = frozenset(
+    {b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"}
+)
+
+
+def extra_connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
+    """Return the headers Connection names beyond the hop-by-hop ones (usually none)."""
+    if not values or (len(values) == 1 and values[0] in _PLAIN_CONNECTION):
+        return frozenset()
+    return connection_tokens(values) - HOP_BY_HOP
+
+
 class TrustedProxies:
     """Answers whether a peer address belongs to a configured trusted network."""
 

@@ -128,6 +128,16 @@ class Policy:
     async def start(self) -> None:
         """Open what the policy needs (a Redis client); called before traffic flows."""
 
+    def adopt(self, previous: Policy) -> None:
+        """Take over state worth keeping from the policy this one replaces on reload."""
+
+    def needs_lookup(self, request: RequestView) -> bool:
+        """Return whether select needs prefetch awaited first (a shared-store miss)."""
+        return False
+
+    async def prefetch(self, request: RequestView) -> None:
+        """Load what select will need from a shared store; never raises."""
+
     async def close(self) -> None:
         """Release what start opened."""
 

@@ -38,9 +38,11 @@ def build_state(
     groups = {}
     for name, group_config in config.groups.items():
         pool = Pool(group_config)
+        policy = build_policy(pool)
         if previous is not None and name in previous.groups:
             pool.adopt(previous.groups[name].pool)
-        groups[name] = Group(group_config, pool, build_policy(pool))
+            policy.adopt(previous.groups[name].policy)
+        groups[name] = Group(group_config, pool, policy)
     access_log = None
     if config.log.access != "off":
         access_log = AccessLog(config.log.access, access_stream or sys.stdout)
@@ -246,12 +248,20 @@ async def serve(
     config_path: str | None,
     overrides: Overrides | None,
     worker_index: int = 0,
+    control_dir: str | None = None,
 ) -> int:
-    """Run one worker until SIGTERM or SIGINT; SIGHUP reloads the file."""
-    from stickyproxy.admin import AdminServer
-    from stickyproxy.metrics import Metrics
+    """Run one worker until SIGTERM or SIGINT; SIGHUP reloads the file.
 
-    metrics = Metrics()
+    With control_dir (made by the supervisor of several workers), metrics go to
+    files the family shares and the admin API reaches every worker.
+    """
+    from stickyproxy.admin import AdminServer
+    from stickyproxy.metrics import METRICS_SUBDIR, Metrics
+
+    metrics_dir = (
+        None if control_dir is None else str(Path(control_dir, METRICS_SUBDIR))
+    )
+    metrics = Metrics(metrics_dir)
     server = ProxyServer(
         config,
         config_path,
@@ -261,10 +271,8 @@ async def serve(
     )
     server.reload_listeners.append(metrics.reloaded)
     await server.start()
-    admin = AdminServer(server, metrics)
-    if worker_index == 0:
-        # TODO(workers > 1 in production): one admin listener sees one worker only
-        await admin.start()
+    admin = AdminServer(server, metrics, worker_index, control_dir)
+    await admin.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     background: set[asyncio.Task[bool]] = set()

@@ -12,8 +12,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from stickyproxy.config import GroupConfig, ServerConfig
 from stickyproxy.log import UPSTREAM_LOGGER
@@ -177,9 +176,12 @@ class Upstream:
             self._resting_until = 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class Selection:
-    """The upstream a policy chose and the word that says why."""
+class Selection(NamedTuple):
+    """The upstream a policy chose and the word that says why.
+
+    A tuple, because one is made for every request and tuples are the cheapest
+    immutable record Python has.
+    """
 
     upstream: Upstream
     #: new, pinned, repinned, hashed, fallback, retry
