@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from types import FrameType
@@ -91,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the proxy")
     _add_config_flags(run)
     run.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--control-dir", default=None, help=argparse.SUPPRESS)
 
     check = commands.add_parser("check", help="validate a configuration and print it")
     _add_config_flags(check)
@@ -122,11 +125,17 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging(config.log.level)
     if config.workers > 1 and args.worker_index is None:
         return _supervise(config, sys.argv[1:] if args is not None else [])
-    return run_worker(config, args.config, overrides, args.worker_index or 0)
+    return run_worker(
+        config, args.config, overrides, args.worker_index or 0, args.control_dir
+    )
 
 
 def run_worker(
-    config: Config, config_path: str | None, overrides: Overrides, index: int = 0
+    config: Config,
+    config_path: str | None,
+    overrides: Overrides,
+    index: int = 0,
+    control_dir: str | None = None,
 ) -> int:
     """Run one worker on uvloop until it is told to stop."""
     import uvloop
@@ -134,17 +143,31 @@ def run_worker(
     from stickyproxy.server import serve
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(config, config_path, overrides, index))
+        return runner.run(serve(config, config_path, overrides, index, control_dir))
 
 
 def _supervise(config: Config, argv: list[str]) -> int:
-    """Start the workers, restart one that dies, pass signals on, stop them all."""
-    command = [sys.executable, "-m", "stickyproxy", *argv]
+    """Start the workers, restart one that dies, pass signals on, stop them all.
+
+    The workers share a private control directory: their metric files, which one
+    scrape adds up, and the sockets the admin listener reaches each of them on.
+    """
+    from prometheus_client.multiprocess import mark_process_dead
+
+    from stickyproxy.metrics import METRICS_SUBDIR
+
+    control_dir = tempfile.mkdtemp(prefix="stickyproxy-")
+    metrics_dir = os.path.join(control_dir, METRICS_SUBDIR)
+    os.mkdir(metrics_dir)
+    environ = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    command = [sys.executable, "-m", "stickyproxy", *argv, "--control-dir", control_dir]
     workers: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
 
     def spawn(index: int) -> None:
-        workers[index] = subprocess.Popen([*command, "--worker-index", str(index)])
+        workers[index] = subprocess.Popen(
+            [*command, "--worker-index", str(index)], env=environ
+        )
 
     def forward(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -168,6 +191,8 @@ def _supervise(config: Config, argv: list[str]) -> int:
                     f"stickyproxy: worker {index} exited ({code}); restarting",
                     file=sys.stderr,
                 )
+                # its live gauges (open connections) must stop counting
+                mark_process_dead(process.pid, metrics_dir)  # type: ignore[no-untyped-call]
                 time.sleep(0.5)
                 spawn(index)
     deadline = time.monotonic() + config.timeouts.grace + 5
@@ -177,6 +202,7 @@ def _supervise(config: Config, argv: list[str]) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    shutil.rmtree(control_dir, ignore_errors=True)
     return 0
 
 
