@@ -813,8 +813,12 @@ class Exchange:
         connection.received = 0
         connection.deadline = self.client.loop.time() + self.state.read_timeout
         head = self.head
-        if self.group is not None and self.group.config.rewrite_host and self.upstream:
-            head += b"Host: %s\r\n" % self.upstream.authority.encode()
+        upstream = self.upstream
+        if upstream is not None and (
+            not self.host or (self.group is not None and self.group.config.rewrite_host)
+        ):
+            # HTTP/1.1 requires a Host; an HTTP/1.0 client may have sent none
+            head += b"Host: %s\r\n" % upstream.authority.encode()
         connection.send(head + self._framing_header())
         buffered = self.body_buffer
         if buffered:
