@@ -20,7 +20,7 @@ from stickyproxy.errors import UpstreamConnectError, UpstreamProtocolError
 from stickyproxy.log import UPSTREAM_LOGGER
 
 if TYPE_CHECKING:
-    from stickyproxy.forwarding import Exchange
+    from stickyproxy.exchange import Exchange
     from stickyproxy.upstreams import Upstream
 
 log = logging.getLogger(UPSTREAM_LOGGER)

@@ -155,3 +155,20 @@ def _is_ip(address: str) -> bool:
 def forwarded_node(address: str) -> str:
     """Quote an address as RFC 7239 wants it in a ``for=`` parameter."""
     return f'"[{address}]"' if ":" in address else address
+
+
+def error_response(status: int, detail: str, close: bool, extra: bytes = b"") -> bytes:
+    """Return a complete short plain-text response."""
+    body = (detail + "\n").encode()
+    connection = b"Connection: close\r\n" if close else b""
+    return b"".join(
+        (
+            f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n".encode(),
+            b"Content-Type: text/plain; charset=utf-8\r\n",
+            f"Content-Length: {len(body)}\r\n".encode(),
+            connection,
+            extra,
+            b"\r\n",
+            body,
+        )
+    )
