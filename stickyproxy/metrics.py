@@ -31,7 +31,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 if TYPE_CHECKING:
     from stickyproxy.config import GroupConfig
-    from stickyproxy.forwarding import Exchange, Group, ProxyState
+    from stickyproxy.exchange import Exchange
+    from stickyproxy.forwarding import Group, ProxyState
     from stickyproxy.upstreams import Selection, Upstream
 
 NAMESPACE = "stickyproxy"
