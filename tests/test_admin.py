@@ -390,6 +390,19 @@ async def test_two_workers_share_one_scrape_and_one_drain(
             assert backends[first].hits == hits
             samples = await scrape(admin_port)
             assert value(samples, "stickyproxy_requests_total") == 80
+
+            # a reload through the API reaches both workers and ends the drain
+            status, answer = await call(client, admin_port, "/api/reload", {})
+            assert (status, answer) == (200, {"reloaded": True, "workers": 2})
+            answer = await wait_for(
+                client,
+                admin_port,
+                lambda a: a["groups"][0]["upstreams"][0]["states"] == {"up": 2},
+                "both workers to see the upstream up again",
+            )
+            samples = await scrape(admin_port)
+            assert value(samples, "stickyproxy_config_reloads_total") == 2
+            assert value(samples, "stickyproxy_config_last_reload_success") == 1
         finally:
             family.send_signal(signal.SIGTERM)
             code = await asyncio.to_thread(family.wait, 30)

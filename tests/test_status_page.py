@@ -17,6 +17,8 @@ import pytest
 
 from tests.test_metrics import request, stack
 
+TOKEN = "page-token"
+
 CHROMIUM = shutil.which("chromium")
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
@@ -154,3 +156,25 @@ async def test_page_shows_upstreams_and_follows_a_drain_without_reloading(
         )
         assert resources
         assert all(name.startswith(origin + "/") for name in resources)
+
+
+async def test_page_takes_a_token_from_its_address_and_hides_it(tmp_path: Path) -> None:
+    async with stack(tmp_path, count=1, admin_token=TOKEN) as s:
+        # tests never listen beyond loopback; pretend the listener does
+        s.admin.loopback = False
+        async with browser(tmp_path) as page:
+            origin = f"http://127.0.0.1:{s.admin_port}"
+            await page.send("Page.navigate", url=f"{origin}/")
+            await page.wait_until(
+                "document.getElementById('status').textContent.includes('token')",
+                "that a token is needed",
+            )
+
+            await page.send("Page.navigate", url=f"{origin}/#token={TOKEN}")
+            await page.wait_until(f"{row(s.name_of(0))} !== null", "the upstream")
+            assert await page.evaluate("window.location.href") == origin + "/"
+
+            # the tab keeps the token for later visits, out of the address
+            await page.send("Page.navigate", url="about:blank")
+            await page.send("Page.navigate", url=f"{origin}/")
+            await page.wait_until(f"{row(s.name_of(0))} !== null", "the upstream")

@@ -13,7 +13,11 @@
     ["pinned", "Pinned"],
   ];
 
-  const token = readToken();
+  let token = readToken();
+  // a token pasted into the address bar of the open page counts too
+  window.addEventListener("hashchange", () => {
+    token = readToken();
+  });
   // requests per upstream at the previous refresh, to turn totals into rates
   let previous = null;
 
