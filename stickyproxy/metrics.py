@@ -567,9 +567,11 @@ class MetricsObserver:
         self._groups.clear()
 
     def client_opened(self) -> None:
+        """Count a client connection in."""
         self._connections.inc()
 
     def client_closed(self) -> None:
+        """Count a client connection out."""
         self._connections.dec()
 
     def _children(self, group: Group | None) -> _GroupChildren:
@@ -582,6 +584,7 @@ class MetricsObserver:
         return children
 
     def request_finished(self, exchange: Exchange) -> None:
+        """Count an answered request: traffic, timing, selection and drift."""
         self.finished += 1
         group = self._children(exchange.group)
         selection = exchange.selection
@@ -668,6 +671,7 @@ class MetricsObserver:
             self.metrics.drift.labels(group.name).inc()
 
     def upstream_failed(self, upstream: Upstream, kind: str, now_resting: bool) -> None:
+        """Count a passive failure (connect, reset, timeout)."""
         key = (upstream.group, upstream.name, kind)
         child = self._failures.get(key)
         if child is None:
@@ -675,6 +679,7 @@ class MetricsObserver:
         child.inc()
 
     def retried(self, group: str) -> None:
+        """Count a request sent to another upstream after a failure."""
         child = self._retries.get(group)
         if child is None:
             child = self._retries[group] = self.metrics.retries.labels(group)
