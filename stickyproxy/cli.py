@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from stickyproxy import __version__
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a configuration and print it")
     _add_config_flags(check)
+    _add_tool_commands(commands)
     return parser
 
 
@@ -111,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return _run(args)
+        if args.command in ("demo", "bench"):
+            return _run_tool(args)
     except ConfigError as exc:
         print(f"stickyproxy: {exc}", file=sys.stderr)
         return 2
@@ -204,6 +207,123 @@ def _supervise(config: Config, argv: list[str]) -> int:
             process.wait()
     shutil.rmtree(control_dir, ignore_errors=True)
     return 0
+
+
+def _add_tool_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """Add the demo and the bench, which run the sample backend behind the proxy."""
+    from stickyproxy.demo import DEFAULT_INSTANCES, DEFAULT_OPTION, OPTIONS
+
+    redis_help = "Redis for the redis option (default: $REDIS_URL, else a private one)"
+    demo = commands.add_parser(
+        "demo", help="run the sample backend behind the proxy, as one option"
+    )
+    demo.add_argument("--option", choices=tuple(OPTIONS), default=DEFAULT_OPTION)
+    demo.add_argument(
+        "--instances",
+        type=_bounded(1, 64),
+        default=DEFAULT_INSTANCES,
+        help=f"backend instances (default: {DEFAULT_INSTANCES})",
+    )
+    demo.add_argument(
+        "--port", type=_bounded(1, 65535), help="proxy port (default: 8080 if free)"
+    )
+    demo.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL"), help=redis_help
+    )
+
+    bench = commands.add_parser(
+        "bench", help="drive simulated users through each option and compare them"
+    )
+    bench.add_argument(
+        "--options",
+        type=_option_list,
+        default=None,
+        help=f"comma-separated, in order (default: {','.join(OPTIONS)})",
+    )
+    bench.add_argument("--users", type=_bounded(1, 1000), default=20)
+    bench.add_argument(
+        "--duration", type=_seconds, default=8.0, help="seconds per option (default: 8)"
+    )
+    bench.add_argument(
+        "--profile",
+        choices=("stable", "nat", "churn", "cookieless"),
+        default="stable",
+        help="how clients present themselves (default: stable)",
+    )
+    bench.add_argument("--instances", type=_bounded(1, 16), default=3)
+    bench.add_argument(
+        "--kill-one", action="store_true", help="kill one instance mid-run (by PID)"
+    )
+    bench.add_argument("--json", metavar="FILE", default="stickyproxy-bench.json")
+    bench.add_argument("--html", metavar="FILE", default="stickyproxy-bench.html")
+    bench.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL"), help=redis_help
+    )
+
+
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a whole number"
+            ) from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.5 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0.5..3600 seconds")
+    return value
+
+
+def _option_list(text: str) -> tuple[str, ...]:
+    from stickyproxy.demo import OPTIONS
+
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in OPTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected names among {', '.join(OPTIONS)}, got {text!r}"
+        )
+    return names
+
+
+def _run_tool(args: argparse.Namespace) -> int:
+    from stickyproxy.demo import DemoError
+
+    try:
+        if args.command == "demo":
+            from stickyproxy.demo import run_demo
+
+            return run_demo(args.option, args.instances, args.port, args.redis_url)
+
+        from stickyproxy.bench import BenchSettings, run_bench
+
+        settings = BenchSettings(
+            options=args.options,
+            users=args.users,
+            duration=args.duration,
+            profile=args.profile,
+            instances=args.instances,
+            kill_one=args.kill_one,
+            redis_url=args.redis_url,
+        )
+        return run_bench(settings, args.json, args.html)
+    except DemoError as exc:
+        print(f"stickyproxy: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
