@@ -264,7 +264,8 @@ class AdminConfig:
 
     #: empty disables the admin listener
     address: Address | None = field(default_factory=lambda: Address("127.0.0.1", 9180))
-    #: bearer token required on the API; mandatory when not bound to loopback
+    #: bearer token required on the API; mandatory when not bound to loopback;
+    #: empty takes STICKYPROXY_ADMIN_TOKEN
     token: str = ""
 
 
@@ -852,11 +853,17 @@ def load_config(
             raise ConfigError(source, "", f"is not valid TOML ({exc})") from None
     config = _read_config(_Table(source, "", document))
     config = _apply_overrides(config, overrides, source)
-    return _check(_cookie_secret_from(environ, config))
+    return _check(_secrets_from(environ, config))
 
 
-def _cookie_secret_from(environ: Mapping[str, str], config: Config) -> Config:
-    """Give cookie groups without a secret the one in STICKYPROXY_COOKIE_SECRET."""
+def _secrets_from(environ: Mapping[str, str], config: Config) -> Config:
+    """Fill secrets the file leaves empty from STICKYPROXY_COOKIE_SECRET / _ADMIN_TOKEN.
+
+    Secrets belong in the environment rather than in a file that is easily shared.
+    """
+    token = environ.get(ENV_PREFIX + "ADMIN_TOKEN", "")
+    if token and not config.admin.token:
+        config = replace(config, admin=replace(config.admin, token=token))
     secret = environ.get(ENV_PREFIX + "COOKIE_SECRET", "")
     if not secret:
         return config

@@ -269,10 +269,6 @@ def test_the_dashboard_queries_only_what_stickyproxy_exports() -> None:
     assert providers["providers"][0]["options"]["path"] in mounted
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stickyproxy.config does not read STICKYPROXY_ADMIN_TOKEN yet",
-)
 def test_the_compose_configuration_takes_its_token_from_the_environment() -> None:
     config = load_config(
         ROOT / "config/compose.toml", environ={"STICKYPROXY_ADMIN_TOKEN": "x"}
