@@ -285,9 +285,13 @@ async def serve(
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    flusher = loop.create_task(metrics.flush_every(1.0), name="metrics-flush")
     await stop.wait()
+    flusher.cancel()
+    await asyncio.wait({flusher})
     await admin.close()
     await server.shutdown()
+    metrics.flush()
     log.info("stopped")
     return 0
 

@@ -454,3 +454,33 @@ async def test_passive_failures_and_retries_are_counted(tmp_path: Path) -> None:
         assert value(samples, "stickyproxy_retries_total", group="app") == 1
         assert value(samples, "stickyproxy_requests_total", upstream=live) == 2
         assert value(samples, "stickyproxy_upstream_state", state="unhealthy") == 1
+
+
+def test_batched_updates_expose_exactly_what_direct_ones_do() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from stickyproxy.metrics import _LATENCY_BUCKETS, Batch
+
+    def families() -> tuple[CollectorRegistry, Counter, Histogram]:
+        registry = CollectorRegistry()
+        counter = Counter("c", "c", ["k"], registry=registry)
+        histogram = Histogram("h", "h", buckets=_LATENCY_BUCKETS, registry=registry)
+        return registry, counter, histogram
+
+    direct, batched = families(), families()
+    batch = Batch()
+    values = [0.0, 0.001, 0.0011, 0.3, 2.5, 7.0, 99.0, 0.0025]
+    for value in values:
+        direct[1].labels("a").inc(3)
+        direct[2].observe(value)
+        batch.inc(batched[1].labels("a"), 3)
+        batch.observe(batched[2], value)
+
+    def samples(registry: CollectorRegistry) -> list[bytes]:
+        # creation times differ between the two registries; nothing else may
+        text = generate_latest(registry).splitlines()
+        return [line for line in text if b"_created" not in line]
+
+    assert samples(direct[0]) != samples(batched[0])
+    batch.flush()
+    assert samples(direct[0]) == samples(batched[0])
