@@ -21,7 +21,6 @@ import shutil
 import signal
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,8 +30,9 @@ from typing import TextIO
 
 from stickyproxy.bench_report import render_html, render_table
 from stickyproxy.bench_results import Kill, OptionResult, summarise
+from stickyproxy.bench_stack import REDIS_MISSING, Stack, StackError
 from stickyproxy.bench_users import Observations, Profile, drive
-from stickyproxy.demo import OPTIONS, REDIS_MISSING, DemoError, Stack
+from stickyproxy.demo import OPTIONS, option_stack
 
 #: the order a default run takes: the broken setup first, then the fixes
 DEFAULT_OPTIONS = ("round_robin", "redis", "single", "ip_hash", "cookie", "learn")
@@ -71,11 +71,11 @@ class BenchSettings:
 
 
 def chosen_options(settings: BenchSettings, warn: TextIO | None) -> list[str]:
-    """Return the options to run; raise DemoError when a requested one cannot run."""
+    """Return the options to run; raise StackError when a requested one cannot run."""
     redis_available = bool(settings.redis_url) or shutil.which("redis-server")
     if settings.options is not None:
         if "redis" in settings.options and not redis_available:
-            raise DemoError(REDIS_MISSING)
+            raise StackError(REDIS_MISSING)
         return list(settings.options)
     if redis_available:
         return list(DEFAULT_OPTIONS)
@@ -146,9 +146,8 @@ def run_option(
     """Start the option's stack, drive the users through it, stop it, count."""
     import uvloop
 
-    option = OPTIONS[name]
-    with Stack(
-        option,
+    with option_stack(
+        OPTIONS[name],
         settings.instances,
         admin=False,
         trust_loopback=True,
@@ -178,15 +177,11 @@ def run_option(
 
 
 def discover_stores(stack: Stack) -> dict[str, str]:
-    """Ask each instance for its id and session store; instances on Redis share one."""
-    stores = {}
-    for port in stack.backend_ports:
-        url = f"http://127.0.0.1:{port}/health"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            health = json.loads(response.read())
-        instance = str(health["instance"])
-        stores[instance] = "redis" if health.get("store") == "redis" else instance
-    return stores
+    """Return each instance's session store: its own id, or "redis" shared by all."""
+    return {
+        instance: "redis" if kind == "redis" else instance
+        for instance, kind in stack.instance_stores().items()
+    }
 
 
 async def _run_users(
@@ -227,7 +222,7 @@ async def _run_users(
             stack.resume_restarts()
             resumed = time.monotonic()
         if show and progress is not None:
-            line = _progress_line(stack.option.name, observations, now - started)
+            line = _progress_line(stack.name, observations, now - started)
             print(f"\r{line}\033[K", end="", file=progress, flush=True)
 
     if show and progress is not None:

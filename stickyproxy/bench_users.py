@@ -141,6 +141,7 @@ class User:
 
     @property
     def user_id(self) -> str:
+        """Return the id the current person logs in with, unique to this run."""
         return f"{self.run_id}-u{self.index}-p{self.person}"
 
     async def live(self, deadline: float) -> None:

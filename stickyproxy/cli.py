@@ -301,7 +301,7 @@ def _option_list(text: str) -> tuple[str, ...]:
 
 
 def _run_tool(args: argparse.Namespace) -> int:
-    from stickyproxy.demo import DemoError
+    from stickyproxy.bench_stack import StackError
 
     try:
         if args.command == "demo":
@@ -321,7 +321,7 @@ def _run_tool(args: argparse.Namespace) -> int:
             redis_url=args.redis_url,
         )
         return run_bench(settings, args.json, args.html)
-    except DemoError as exc:
+    except StackError as exc:
         print(f"stickyproxy: {exc}", file=sys.stderr)
         return 2
 

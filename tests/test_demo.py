@@ -20,8 +20,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from stickyproxy.bench_stack import render_toml, stack_document
 from stickyproxy.config import load_config
-from stickyproxy.demo import OPTIONS, Option, render_toml, stack_document
+from stickyproxy.demo import OPTIONS, Option
 from tests.support import free_port, repo_root
 
 STICKYPROXY = [sys.executable, "-m", "stickyproxy"]
@@ -261,7 +262,7 @@ def test_generated_configuration_keeps_the_option_and_takes_the_ports(
     option: Option, tmp_path: Path
 ) -> None:
     document = stack_document(
-        option,
+        option.name,
         proxy_port=18080,
         admin_port=None,
         backend_ports=range(13000, 13003),
@@ -288,3 +289,22 @@ def test_generated_configuration_keeps_the_option_and_takes_the_ports(
     assert str(config.listeners[0].address) == "127.0.0.1:18080"
     assert config.admin.address is None
     assert config.forwarded.trusted_proxies == ("127.0.0.0/8",)
+
+
+def test_redis_demo_refuses_instances_that_fell_back_to_memory() -> None:
+    # nothing listens on port 1: the instances start with in-memory sessions
+    result = subprocess.run(
+        [
+            *STICKYPROXY, "demo", "--option", "redis", "--instances", "2",
+            "--port", str(free_port()), "--redis-url", "redis://127.0.0.1:1/0",
+        ],
+        cwd=repo_root(),
+        env=demo_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in message
+    assert "could not reach Redis at redis://127.0.0.1:1/0" in message
