@@ -146,6 +146,8 @@ def run_option(
     """Start the option's stack, drive the users through it, stop it, count."""
     import uvloop
 
+    if progress is not None and progress.isatty():
+        print(f"\rbench: {name:<12} starting\033[K", end="", file=progress, flush=True)
     with option_stack(
         OPTIONS[name],
         settings.instances,

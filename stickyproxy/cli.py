@@ -219,7 +219,12 @@ def _add_tool_commands(
     demo = commands.add_parser(
         "demo", help="run the sample backend behind the proxy, as one option"
     )
-    demo.add_argument("--option", choices=tuple(OPTIONS), default=DEFAULT_OPTION)
+    demo.add_argument(
+        "--option",
+        choices=tuple(OPTIONS),
+        default=DEFAULT_OPTION,
+        help=f"how the instances are run and balanced (default: {DEFAULT_OPTION})",
+    )
     demo.add_argument(
         "--instances",
         type=_bounded(1, 64),
@@ -242,7 +247,12 @@ def _add_tool_commands(
         default=None,
         help=f"comma-separated, in order (default: {','.join(OPTIONS)})",
     )
-    bench.add_argument("--users", type=_bounded(1, 1000), default=20)
+    bench.add_argument(
+        "--users",
+        type=_bounded(1, 1000),
+        default=20,
+        help="simulated users (default: 20)",
+    )
     bench.add_argument(
         "--duration", type=_seconds, default=8.0, help="seconds per option (default: 8)"
     )
@@ -252,12 +262,27 @@ def _add_tool_commands(
         default="stable",
         help="how clients present themselves (default: stable)",
     )
-    bench.add_argument("--instances", type=_bounded(1, 16), default=3)
+    bench.add_argument(
+        "--instances",
+        type=_bounded(1, 16),
+        default=3,
+        help="backend instances per option, but single (default: 3)",
+    )
     bench.add_argument(
         "--kill-one", action="store_true", help="kill one instance mid-run (by PID)"
     )
-    bench.add_argument("--json", metavar="FILE", default="stickyproxy-bench.json")
-    bench.add_argument("--html", metavar="FILE", default="stickyproxy-bench.html")
+    bench.add_argument(
+        "--json",
+        metavar="FILE",
+        default="stickyproxy-bench.json",
+        help="one object per option (default: %(default)s; '' writes none)",
+    )
+    bench.add_argument(
+        "--html",
+        metavar="FILE",
+        default="stickyproxy-bench.html",
+        help="report with charts (default: %(default)s; '' writes none)",
+    )
     bench.add_argument(
         "--redis-url", default=os.environ.get("REDIS_URL"), help=redis_help
     )
