@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -163,6 +164,21 @@ def _supervise(config: Config, argv: list[str]) -> int:
     metrics_dir = os.path.join(control_dir, METRICS_SUBDIR)
     os.mkdir(metrics_dir)
     environ = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    unsigned = [
+        name
+        for name, group in config.groups.items()
+        if group.policy == "cookie" and not group.cookie.secret
+    ]
+    if unsigned:
+        # one secret for the whole family, so that every worker honours every pin
+        environ["STICKYPROXY_COOKIE_SECRET"] = secrets.token_urlsafe(32)
+        print(
+            "stickyproxy: no cookie secret for "
+            + ", ".join(unsigned)
+            + "; the workers share a generated one, and pins will not survive "
+            "a restart (set STICKYPROXY_COOKIE_SECRET)",
+            file=sys.stderr,
+        )
     command = [sys.executable, "-m", "stickyproxy", *argv, "--control-dir", control_dir]
     workers: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False

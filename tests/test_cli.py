@@ -270,3 +270,50 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
         env=env,
     )
     assert result.returncode == 2 and "STICKYPROXY_WORKERS" in result.stderr
+
+
+async def test_workers_share_a_generated_cookie_secret(tmp_path: Path) -> None:
+    port = free_port()
+    path = tmp_path / "cookie.toml"
+    async with two_upstreams() as (a, b):
+        path.write_text(
+            '[server]\nworkers = 2\nexplain_headers = true\n'
+            f'[[listeners]]\naddress = "127.0.0.1:{port}"\n'
+            '[admin]\naddress = ""\n[log]\naccess = "off"\n'
+            f'[groups.app]\npolicy = "cookie"\n[[groups.app.servers]]\nurl = "{a}"\n'
+            f'[[groups.app.servers]]\nurl = "{b}"\n'
+        )
+        env = {k: v for k, v in os.environ.items() if k != "STICKYPROXY_COOKIE_SECRET"}
+        process = subprocess.Popen(
+            [*STICKYPROXY, "run", "-c", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=repo_root(),
+            env=env,
+        )
+        try:
+            await wait_port(port)
+            await asyncio.sleep(0.5)  # both workers listening
+            url = f"http://127.0.0.1:{port}/"
+            async with aiohttp.ClientSession() as session:
+                async with session.get(url) as response:
+                    pinned_to = await response.text()
+                    cookie = response.cookies["stickyproxy"].value
+                reasons = set()
+                for _ in range(20):
+                    # a new connection each time, so both workers see the cookie
+                    async with session.get(
+                        url,
+                        headers={
+                            "Connection": "close",
+                            "Cookie": f"stickyproxy={cookie}",
+                        },
+                    ) as response:
+                        assert await response.text() == pinned_to
+                        reasons.add(response.headers["X-Stickyproxy-Reason"])
+            assert reasons == {"pinned"}
+        finally:
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=20)
+    assert "workers share a generated one" in stderr
