@@ -1,0 +1,1 @@
+"""Benchmarks of stickyproxy: selection cost and proxied throughput."""
