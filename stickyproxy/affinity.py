@@ -365,6 +365,7 @@ class LearnedAffinity(_Sticky):
     """
 
     name = "learn"
+    shared_store = True
 
     def __init__(
         self,

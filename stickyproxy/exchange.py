@@ -302,7 +302,8 @@ class Exchange:
             )
             return
         assert self.view is not None
-        if not self.tried and group.policy.needs_lookup(self.view):
+        policy = group.policy
+        if policy.shared_store and not self.tried and policy.needs_lookup(self.view):
             # a pin another proxy may have learned: ask the shared store first
             self.task = self.client.loop.create_task(self._lookup_then_select(group))
             return
@@ -329,7 +330,7 @@ class Exchange:
             return
         self.selection = selection
         upstream = selection.upstream
-        if selection_log.isEnabledFor(logging.DEBUG):
+        if self.state.debug:
             selection_log.debug(
                 "%s %s -> %s (%s%s)",
                 self.view.client_ip if self.view else "-",

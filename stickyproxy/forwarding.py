@@ -11,6 +11,7 @@ directions with transport flow control, so memory stays bounded whatever their s
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 from stickyproxy import headers as h
 from stickyproxy.clients import ClientConnection
 from stickyproxy.config import Config, GroupConfig
-from stickyproxy.log import AccessLog
+from stickyproxy.log import SELECTION_LOGGER, AccessLog
 from stickyproxy.selection import Policy
 from stickyproxy.upstreams import Pool, Upstream
 
@@ -107,6 +108,8 @@ class ProxyState:
         self.read_timeout = timeouts.upstream_read
         self.tunnel_timeout = timeouts.tunnel_idle
         self.explain = config.explain_headers
+        #: a routing decision is logged only when someone reads debug lines
+        self.debug = logging.getLogger(SELECTION_LOGGER).isEnabledFor(logging.DEBUG)
 
     def route(self, host: str, path: str) -> Group | None:
         """Return the group of the first route that matches host and path."""

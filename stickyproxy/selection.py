@@ -115,6 +115,8 @@ class Policy:
     sticky: ClassVar[bool] = False
     #: a cookie name removed from requests before they reach the upstream
     strip_cookie: bytes | None = None
+    #: pins live in a store shared with other processes (see needs_lookup)
+    shared_store: ClassVar[bool] = False
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool

@@ -143,3 +143,26 @@ async def test_explain_headers_name_the_upstream_and_the_reason(tmp_path: Path) 
                     other.removeprefix("http://"),
                 )
                 assert response.headers["X-Stickyproxy-Reason"] == "hashed"
+
+
+async def test_debug_log_explains_every_decision(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="stickyproxy.selection")
+    a, b = Switchable("A"), Switchable("B")
+    async with (
+        aiohttp_upstream(a.app) as (url, _),
+        aiohttp_upstream(b.app) as (
+            other,
+            _,
+        ),
+    ):
+        config = proxy_config(tmp_path, [url, other], group='policy = "cookie"')
+        async with running_proxy(config) as proxy:
+            await names(proxy.ports[0], 3)
+    decisions = [
+        r.getMessage() for r in caplog.records if r.name == "stickyproxy.selection"
+    ]
+    # aiohttp keeps no cookies for a bare IP host: each request comes unpinned
+    assert len(decisions) == 3
+    assert all(message.endswith("(new)") for message in decisions), decisions
