@@ -35,11 +35,14 @@ from stickyproxy.bench_users import Observations, Profile, drive
 from stickyproxy.demo import OPTIONS, option_stack
 
 #: the order a default run takes: the broken setup first, then the fixes
-DEFAULT_OPTIONS = ("round_robin", "redis", "single", "ip_hash", "cookie", "learn")
+DEFAULT_OPTIONS = tuple(OPTIONS)
 
 #: shares of the run after which the instance is killed, and may restart
 KILL_AT = 0.35
 RESUME_AT = 0.70
+
+#: times a stack is started before the bench gives up on an option
+START_ATTEMPTS = 2
 
 #: seconds between two progress updates
 PROGRESS_INTERVAL = 0.25
@@ -88,10 +91,12 @@ def run_bench(
     settings: BenchSettings,
     json_path: str | None,
     html_path: str | None,
-    out: TextIO = sys.stdout,
-    progress: TextIO = sys.stderr,
+    out: TextIO | None = None,
+    progress: TextIO | None = None,
 ) -> int:
     """Run the bench, print the table, write the reports; return the exit status."""
+    out = out or sys.stdout
+    progress = progress or sys.stderr
     with _sigterm_interrupts():
         try:
             results = bench(settings, progress)
@@ -102,13 +107,19 @@ def run_bench(
             return 130
 
     print(render_table(results), file=out, flush=True)
+    reports = []
     if json_path:
         document = [result.as_json() for result in results]
-        Path(json_path).write_text(json.dumps(document, indent=2) + "\n")
-        print(f"bench: wrote {json_path}", file=progress)
+        reports.append((json_path, json.dumps(document, indent=2) + "\n"))
     if html_path:
-        Path(html_path).write_text(render_html(results, settings.describe()))
-        print(f"bench: wrote {html_path}", file=progress)
+        reports.append((html_path, render_html(results, settings.describe())))
+    for path, text in reports:
+        try:
+            Path(path).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            print(f"stickyproxy: cannot write {path}: {exc.strerror}", file=progress)
+            return 1
+        print(f"bench: wrote {path}", file=progress)
     return 0
 
 
@@ -148,15 +159,7 @@ def run_option(
 
     if progress is not None and progress.isatty():
         print(f"\rbench: {name:<12} starting\033[K", end="", file=progress, flush=True)
-    with option_stack(
-        OPTIONS[name],
-        settings.instances,
-        admin=False,
-        trust_loopback=True,
-        access_log=False,
-        redis_url=settings.redis_url,
-    ) as stack:
-        stack.start()
+    with _started_stack(name, settings, progress) as stack:
         stores = discover_stores(stack)
         observations = Observations(time.monotonic())
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -164,6 +167,10 @@ def run_option(
                 _run_users(stack, settings, observations, run_id, progress)
             )
             elapsed = time.monotonic() - observations.started
+
+        # what the proxy said about its upstreams explains surprising figures
+        stack.stop()
+        events = stack.proxy_events()
 
     return summarise(
         name,
@@ -175,7 +182,35 @@ def run_option(
         observations,
         elapsed,
         kill,
+        events,
     )
+
+
+def _started_stack(
+    name: str, settings: BenchSettings, progress: TextIO | None
+) -> Stack:
+    """Return the option's stack, started; a second attempt takes other free ports."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        stack = option_stack(
+            OPTIONS[name],
+            settings.instances,
+            admin=False,
+            trust_loopback=True,
+            access_log=False,
+            redis_url=settings.redis_url,
+        )
+        try:
+            stack.start()
+        except BaseException as exc:
+            stack.cleanup()
+            # a port found free may be taken by another program before we bind it
+            if not isinstance(exc, StackError) or attempt == START_ATTEMPTS:
+                raise
+            if progress is not None:
+                print(f"bench: {name}: {exc}; trying again", file=progress)
+            continue
+        return stack
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def discover_stores(stack: Stack) -> dict[str, str]:

@@ -67,6 +67,8 @@ class OptionResult:
     repinned_sessions: int | None = None
     #: with --kill-one: answers below 400 that sessions got after the kill
     served_after_kill: int | None = None
+    #: what the proxy logged about its upstreams (failures, state changes), counted
+    proxy_events: dict[str, int] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""
@@ -132,6 +134,7 @@ def summarise(
     obs: Observations,
     elapsed: float,
     kill: Kill | None = None,
+    proxy_events: Mapping[str, int] | None = None,
 ) -> OptionResult:
     """Count one option's figures from its observations."""
     drift = spread = repinned = 0
@@ -182,4 +185,5 @@ def summarise(
         failover_errors=failover,
         repinned_sessions=repinned if kill is not None else None,
         served_after_kill=served,
+        proxy_events=dict(proxy_events or {}),
     )

@@ -50,6 +50,8 @@ REDIS_MISSING = (
 _OWN_ENV = ("REDIS_URL", "SESSION_SECRET", "INSTANCE_ID")
 _STARTED = re.compile(r"instance (\S+) pid (\d+) port (\d+)")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_FILE_ID = re.compile(r"\b[0-9a-f]{32}\b")
+_LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:,.]+ ")
 
 
 class StackError(StickyProxyError):
@@ -412,6 +414,21 @@ class Stack:
                 raise StackError(f"{url} did not answer: {exc}") from exc
             stores[str(health["instance"])] = str(health.get("store"))
         return stores
+
+    def proxy_events(self, limit: int = 20) -> dict[str, int]:
+        """Return what the proxy logged about its upstreams, each line with a count."""
+        events: dict[str, int] = {}
+        try:
+            text = self.proxy_log.read_text(errors="replace")
+        except OSError:
+            return events
+        for line in text.splitlines():
+            message = _FILE_ID.sub("{id}", _LOG_PREFIX.sub("", line).strip())
+            if "upstream" not in message and " -> " not in message:
+                continue
+            if message in events or len(events) < limit:
+                events[message] = events.get(message, 0) + 1
+        return events
 
     def instance_pids(self) -> dict[str, int]:
         """Return the PID of each instance by id, as the launcher last reported it."""
