@@ -66,7 +66,6 @@ class SessionTrace:
     user: int
     #: (monotonic time, instance id, status) of every answer carrying the header
     answers: list[tuple[float, str, int]] = field(default_factory=list)
-    ended_by_401: bool = False
 
 
 @dataclass(slots=True)
@@ -192,8 +191,8 @@ class User:
             for step in steps:
                 if time.monotonic() >= deadline:
                     return
+                # a 401 ends the session: the person has to log in again
                 if not await step(http):
-                    trace.ended_by_401 = True
                     return
         if time.monotonic() < deadline:
             await self._expect(http, "POST", "/api/logout", None, 200)

@@ -251,6 +251,12 @@ def _add_tool_commands(
         "--port", type=_bounded(1, 65535), help="proxy port (default: 8080 if free)"
     )
     demo.add_argument(
+        "--backend-port",
+        type=_bounded(1, 65535),
+        default=3000,
+        help="first instance's port, if it and the next ones are free (default: 3000)",
+    )
+    demo.add_argument(
         "--redis-url", default=os.environ.get("REDIS_URL"), help=redis_help
     )
 
@@ -348,7 +354,13 @@ def _run_tool(args: argparse.Namespace) -> int:
         if args.command == "demo":
             from stickyproxy.demo import run_demo
 
-            return run_demo(args.option, args.instances, args.port, args.redis_url)
+            return run_demo(
+                args.option,
+                args.instances,
+                args.port,
+                args.redis_url,
+                backend_port=args.backend_port,
+            )
 
         from stickyproxy.bench import BenchSettings, run_bench
 

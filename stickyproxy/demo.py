@@ -105,14 +105,17 @@ def run_demo(
     instances: int = DEFAULT_INSTANCES,
     port: int | None = None,
     redis_url: str | None = None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
+    backend_port: int = BACKEND_PORT,
 ) -> int:
     """Run an option's stack until SIGINT or SIGTERM; return the exit status.
 
     Without a port, 8080 is used if free and any free port otherwise; a port given
-    explicitly must be free.
+    explicitly must be free. The instances take consecutive ports from backend_port,
+    or from wherever enough consecutive ports are free.
     """
     option = OPTIONS[option_name]
+    out = out or sys.stdout
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -128,7 +131,7 @@ def run_demo(
             option,
             instances,
             proxy_port=proxy_port,
-            backend_port=BACKEND_PORT,
+            backend_port=backend_port,
             redis_url=redis_url,
         ) as stack:
             stack.start(stopping.is_set)
@@ -172,7 +175,7 @@ def _print_banner(option: Option, stack: Stack, asked: int, out: TextIO) -> None
         lines.append(
             f"           (single runs one instance; --instances {asked} ignored)"
         )
-    lines.append(f"  logs     {stack.workdir}")
+    lines.append(f"  logs     {stack.workdir}  (removed on exit)")
     lines.append("")
     lines.extend(
         textwrap.wrap(option.look_for, 80, initial_indent="What to look for: ")

@@ -23,6 +23,7 @@ import pytest
 from stickyproxy.bench_stack import render_toml, stack_document
 from stickyproxy.config import load_config
 from stickyproxy.demo import OPTIONS, Option
+from tests.backend_support import free_ports
 from tests.support import free_port, repo_root
 
 STICKYPROXY = [sys.executable, "-m", "stickyproxy"]
@@ -170,11 +171,9 @@ async def session_instances(
 async def test_cookie_demo_pins_each_login_and_stops_everything_on_sigterm() -> None:
     port = free_port()
     with running_demo(
-        "--option", "cookie", "--instances", "2", "--port", str(port)
-    ) as (
-        demo,
-        url,
-    ):
+        "--option", "cookie", "--instances", "2",
+        "--port", str(port), "--backend-port", str(free_ports(2)),
+    ) as (demo, url):  # fmt: skip
         assert url == f"http://127.0.0.1:{port}/"
         before = descendants(demo.process.pid)
         # the launcher, its two instances and the proxy
@@ -201,11 +200,10 @@ async def test_cookie_demo_pins_each_login_and_stops_everything_on_sigterm() -> 
 async def test_redis_demo_spreads_requests_without_drift() -> None:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    port = str(free_port())
-    with running_demo("--option", "redis", "--instances", "2", "--port", port) as (
-        _,
-        url,
-    ):
+    with running_demo(
+        "--option", "redis", "--instances", "2",
+        "--port", str(free_port()), "--backend-port", str(free_ports(2)),
+    ) as (_, url):  # fmt: skip
         answered = await session_instances(url, "carol", 4)
         # round robin in front of shared sessions: both instances answer, no 401
         assert set(answered) == {"app-0", "app-1"}, answered
