@@ -17,13 +17,16 @@ import httptools
 from stickyproxy.errors import BadRequest, ClientRequestError, HeadersTooLarge
 from stickyproxy.exchange import PAUSE_PIPELINE, Exchange
 from stickyproxy.headers import error_response, forwarded_node
-from stickyproxy.log import ACCESS_LOGGER
+from stickyproxy.log import PROXY_LOGGER
 
 if TYPE_CHECKING:
     from stickyproxy.connections import UpstreamConnection
     from stickyproxy.forwarding import Proxy
 
-log = logging.getLogger(ACCESS_LOGGER)
+log = logging.getLogger(PROXY_LOGGER)
+
+#: how long a refused client may keep sending before the connection is closed
+LINGER_SECONDS = 2.0
 
 
 class ClientConnection(asyncio.Protocol):
@@ -48,6 +51,12 @@ class ClientConnection(asyncio.Protocol):
         self.paused = 0
         self.deadline = 0.0
         self.error: ClientRequestError | None = None
+        #: bytes received while a request head is unfinished
+        self.head_pending = 0
+        #: after a refusal: discarding input until the client has read the answer
+        self.lingering = False
+        #: a refusal held back until the requests before it are answered
+        self.refused: ClientRequestError | None = None
         self.tunnel: UpstreamConnection | None = None
         self.closed = False
         #: writes held back to leave together (see cork)
@@ -85,7 +94,7 @@ class ClientConnection(asyncio.Protocol):
                 self.active.touch_tunnel()
             self.tunnel.send(data)
             return
-        if self.closed:
+        if self.closed or self.lingering or self.refused is not None:
             return
         try:
             self.parser.feed_data(data)
@@ -95,10 +104,23 @@ class ClientConnection(asyncio.Protocol):
                 exchange.early_tunnel_data = data[upgrade.args[0] :]
                 self.parsing = None
                 self.pause(PAUSE_PIPELINE, True)
+            return
         except httptools.HttpParserCallbackError:
             self.reject(self.error or BadRequest())
+            return
         except httptools.HttpParserError as exc:
             self.reject(self.error or _parser_error(exc))
+            return
+
+        # the parser buffers an unfinished header line whole, so a line that never
+        # ends is bounded here, by the bytes that arrived while the head was open
+        exchange = self.parsing
+        if exchange is not None and not exchange.method:
+            self.head_pending += len(data)
+            if self.head_pending > exchange.state.header_limit:
+                self.reject(HeadersTooLarge())
+        else:
+            self.head_pending = 0
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:
@@ -229,8 +251,11 @@ class ClientConnection(asyncio.Protocol):
             self.active = self.queued.popleft()
             # start on a fresh call stack: the finishing exchange may be mid-parse
             self.loop.call_soon(self.active.start)
-            if not self.queued:
+            if not self.queued and self.refused is None:
                 self.pause(PAUSE_PIPELINE, False)
+            return
+        if self.refused is not None:
+            self._refuse(self.refused, None)
             return
         if self.parsing is None:
             self.deadline = self.loop.time() + state.keepalive_timeout
@@ -245,17 +270,54 @@ class ClientConnection(asyncio.Protocol):
         self.pause(PAUSE_PIPELINE, False)
 
     def reject(self, error: ClientRequestError) -> None:
-        """Answer a request we refuse, then close the connection."""
+        """Answer a request we refuse, then close the connection.
+
+        When the refused request follows complete ones (pipelining), those are
+        answered first, as the client expects its answers in order.
+        """
         exchange = self.active
+        if (
+            exchange is not None
+            and exchange.request_done
+            and exchange is not self.parsing
+        ):
+            self.refused = error
+            self.parsing = None
+            self.pause(PAUSE_PIPELINE, True)
+            return
         if exchange is not None and exchange.response_started:
             self.close()
             return
         if exchange is not None:
             exchange.abandon_upstream()
+        self._refuse(error, self.parsing or exchange)
+
+    def _refuse(self, error: ClientRequestError, exchange: Exchange | None) -> None:
         self.write(error_response(error.status, error.detail, close=True))
         log.warning("refused request from %s: %s", self.peer, error.detail)
+        if exchange is not None:
+            exchange.refused(error.status)
         self.active = None
-        self.close()
+        self.linger()
+
+    def linger(self) -> None:
+        """Half-close, then read and discard what the client still sends for a while.
+
+        Closing outright with unread input makes the kernel reset the connection, and
+        a client still sending (a too-large body, say) may never read the answer.
+        """
+        transport = self.transport
+        self.parsing = None
+        self.uncork()
+        if transport is None or self.closed or not transport.can_write_eof():
+            self.close()
+            return
+        self.lingering = True
+        transport.write_eof()
+        self.deadline = self.loop.time() + LINGER_SECONDS
+        if self.paused:
+            self.paused = 0
+            transport.resume_reading()
 
     def timed_out(self) -> None:
         """Close the connection: idle too long, or too slow sending a request."""

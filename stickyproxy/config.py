@@ -8,7 +8,10 @@ dotted key and what was expected. Only this module reads files and the environme
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
+import re
+import ssl
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -29,6 +32,9 @@ AccessLogFormat = Literal["combined", "json", "off"]
 
 ENV_PREFIX = "STICKYPROXY_"
 T = TypeVar("T")
+
+#: worker processes one family may run: beyond this a typo, not a plan
+MAX_WORKERS = max(64, 4 * (os.cpu_count() or 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +220,8 @@ class TimeoutsConfig:
     client_header: float = 10.0
     #: between two reads of a request body
     client_body: float = 60.0
+    #: a client that takes no response bytes for this long is cut off
+    client_send: float = 60.0
     #: an idle client keep-alive connection is closed after this
     keepalive_idle: float = 75.0
     #: an upgraded (WebSocket) connection idle in both directions is closed after this
@@ -336,6 +344,9 @@ class _Table:
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise self.fail(name, f"expected {expected}, got {value!r}")
+        # nan compares false with everything, so it would slip past every bound
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(name, f"expected a finite number, got {value!r}")
         return value
 
     def number(self, name: str, default: float, minimum: float = 0.0) -> float:
@@ -344,10 +355,14 @@ class _Table:
             raise self.fail(name, f"expected a number >= {minimum}, got {value!r}")
         return value
 
-    def integer(self, name: str, default: int, minimum: int = 0) -> int:
+    def integer(
+        self, name: str, default: int, minimum: int = 0, maximum: int | None = None
+    ) -> int:
         value = self.get(name, int, default, "an integer")
         if value < minimum:
             raise self.fail(name, f"expected an integer >= {minimum}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise self.fail(name, f"expected an integer <= {maximum}, got {value!r}")
         return value
 
     def boolean(self, name: str, default: bool) -> bool:
@@ -405,17 +420,43 @@ def parse_address(text: str, source: str, key: str) -> Address:
     return Address(host, int(port_text))
 
 
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
+
+
 def _read_url(table: _Table, name: str, value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
-        raise table.fail(name, f"expected http://host:port, got {value!r}")
-    try:
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
+    """Check an upstream url is http://host[:port] and return it without a slash."""
+    expected = f"expected http://host:port, got {value!r}"
+    if value[:7].lower() != "http://":
+        raise table.fail(name, expected)
+    netloc = value[7:].removesuffix("/")
+    if "@" in netloc:
+        # never echo the value: what precedes the @ may be a password
+        raise table.fail(name, "expected http://host:port without user or password")
+    if any(c in netloc for c in " /?#") or not netloc.isprintable():
         raise table.fail(
-            name, f"expected a port from 1 to 65535, got {value!r}"
-        ) from None
-    return f"http://{parts.netloc}"
+            name,
+            f"expected http://host:port without path, query or fragment, got {value!r}",
+        )
+
+    # an IPv6 literal is bracketed; anything else is a host name or IPv4 address
+    if netloc.startswith("["):
+        host, bracket, port_text = netloc[1:].partition("]")
+        if not bracket or (port_text and not port_text.startswith(":")):
+            raise table.fail(name, expected)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise table.fail(name, expected) from None
+        port_text = port_text.removeprefix(":")
+    else:
+        host, colon, port_text = netloc.partition(":")
+        if not _HOSTNAME.fullmatch(host) or (colon and not port_text):
+            raise table.fail(name, expected)
+    if port_text and not (
+        port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536
+    ):
+        raise table.fail(name, f"expected a port from 1 to 65535, got {value!r}")
+    return f"http://{netloc}"
 
 
 def _read_server(table: _Table) -> ServerConfig:
@@ -530,10 +571,38 @@ def _read_cookie(table: _Table) -> CookieConfig:
     return config
 
 
+def _check_redis_url(table: _Table, name: str, url: str) -> None:
+    """Refuse a Redis url the client would only refuse when the policy starts.
+
+    Messages never repeat the url: it may hold a password.
+    """
+    expected = "expected redis://host[:port][/db], rediss://... or unix:///path"
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise table.fail(name, expected)
+    if not url.isprintable() or any(c.isspace() for c in url):
+        raise table.fail(name, expected + " without spaces")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise table.fail(name, expected + "; the host or port does not parse") from None
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise table.fail(name, expected + "; the socket path is missing")
+        return
+    if not parts.hostname:
+        raise table.fail(name, expected + "; the host is missing")
+    if port == 0:
+        raise table.fail(name, "expected a port from 1 to 65535")
+    database = parts.path.removeprefix("/")
+    if database and not (database.isascii() and database.isdigit()):
+        raise table.fail(name, expected + "; the database is not a number")
+
+
 def _read_learn(table: _Table) -> LearnConfig:
     redis_url = table.string("redis_url", "")
-    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise table.fail("redis_url", f"expected a redis:// URL, got {redis_url!r}")
+    if redis_url:
+        _check_redis_url(table, "redis_url", redis_url)
     cookies = table.strings("cookies", LearnConfig().cookies)
     if not cookies:
         raise table.fail("cookies", "expected at least one cookie name")
@@ -587,6 +656,34 @@ def _read_cidrs(table: _Table, name: str, values: Sequence[str]) -> tuple[str, .
     return tuple(values)
 
 
+def _check_tls(table: _Table, cert: str, key: str) -> None:
+    """Refuse a certificate or key the listener could not load when it starts."""
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise table.fail(name, f"cannot read {path!r} ({exc.strerror})") from None
+
+    # a pass phrase would be asked for on the terminal by every worker
+    encrypted = False
+
+    def no_pass_phrase() -> bytes:
+        nonlocal encrypted
+        encrypted = True
+        return b""
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key, password=no_pass_phrase)
+    except ssl.SSLError as exc:
+        problem = "an unencrypted key" if encrypted else "a PEM certificate and key"
+        raise table.fail(
+            "tls_cert",
+            f"expected {problem} in {cert!r} and {key!r} ({exc.reason or exc})",
+        ) from None
+
+
 def _read_config(root: _Table) -> Config:
     """Build a Config from a parsed TOML document."""
     source = root.source
@@ -600,6 +697,8 @@ def _read_config(root: _Table) -> Config:
         address = parse_address(
             table.string("address", ""), source, table.key("address")
         )
+        if cert:
+            _check_tls(table, cert, key)
         listeners.append(ListenerConfig(address, cert or None, key or None))
         table.finish()
 
@@ -627,7 +726,7 @@ def _read_config(root: _Table) -> Config:
         table.finish()
 
     server = root.table("server")
-    workers = server.integer("workers", 1, minimum=1)
+    workers = server.integer("workers", 1, minimum=1, maximum=MAX_WORKERS)
     explain = server.boolean("explain_headers", False)
     server.finish()
 
@@ -707,9 +806,15 @@ def _env_overrides(environ: Mapping[str, str], overrides: Overrides) -> Override
     workers_text = environ.get(ENV_PREFIX + "WORKERS")
     workers = overrides.workers
     if workers is None and workers_text is not None:
-        if not workers_text.isdigit() or int(workers_text) < 1:
+        if not (
+            workers_text.isascii()
+            and workers_text.isdigit()
+            and 1 <= int(workers_text) <= MAX_WORKERS
+        ):
             raise ConfigError(
-                "environment", ENV_PREFIX + "WORKERS", "expected an integer >= 1"
+                "environment",
+                ENV_PREFIX + "WORKERS",
+                f"expected an integer from 1 to {MAX_WORKERS}",
             )
         workers = int(workers_text)
     return Overrides(
@@ -724,6 +829,12 @@ def _env_overrides(environ: Mapping[str, str], overrides: Overrides) -> Override
         log_level=overrides.log_level or environ.get(ENV_PREFIX + "LOG_LEVEL"),
         trusted_proxies=overrides.trusted_proxies or split("TRUSTED_PROXIES"),
     )
+
+
+def upstreams_from_environment(environ: Mapping[str, str] | None = None) -> bool:
+    """Return whether STICKYPROXY_UPSTREAMS names upstreams, as --upstream would."""
+    environ = os.environ if environ is None else environ
+    return bool(_env_overrides(environ, Overrides()).upstreams)
 
 
 def _apply_overrides(config: Config, overrides: Overrides, source: str) -> Config:
@@ -759,6 +870,10 @@ def _apply_overrides(config: Config, overrides: Overrides, source: str) -> Confi
             },
         )
     if overrides.workers is not None:
+        if not 1 <= overrides.workers <= MAX_WORKERS:
+            raise ConfigError(
+                source, "--workers", f"expected an integer from 1 to {MAX_WORKERS}"
+            )
         config = replace(config, workers=overrides.workers)
     if overrides.admin is not None:
         address = (
@@ -815,11 +930,36 @@ def _check(config: Config) -> Config:
     public = {
         (listener.address.host, listener.address.port) for listener in config.listeners
     }
-    if admin is not None and (admin.host, admin.port) in public:
+    # port 0 asks for any free port, so two of them never collide
+    if admin is not None and admin.port != 0 and (admin.host, admin.port) in public:
         raise ConfigError(
             source, "admin.address", "expected a port no public listener uses"
         )
+    if config.log.access != "off" and config.log.access_path != "-":
+        _check_writable(source, "log.access_path", config.log.access_path)
     return config
+
+
+def _check_writable(source: str, key: str, path: str) -> None:
+    """Refuse a log file that cannot be opened for appending, without creating it."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(source, key, f"expected a file, got the directory {path!r}")
+    if target.exists():
+        try:
+            # appending to an existing file changes nothing until a line is written
+            with open(target, "a"):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                source, key, f"cannot append to {path!r} ({exc.strerror})"
+            ) from None
+        return
+    folder = target.parent
+    if not folder.is_dir():
+        raise ConfigError(source, key, f"expected an existing folder for {path!r}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(source, key, f"cannot create {path!r} (permission denied)")
 
 
 def _is_loopback(host: str) -> bool:
@@ -851,6 +991,10 @@ def load_config(
             raise ConfigError(source, "", f"cannot be read ({exc.strerror})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(source, "", f"is not valid TOML ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                source, "", f"is not valid UTF-8 (byte {exc.start})"
+            ) from None
     config = _read_config(_Table(source, "", document))
     config = _apply_overrides(config, overrides, source)
     return _check(_secrets_from(environ, config))

@@ -32,12 +32,15 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "deadline",
         "exchange",
+        "finished",
         "headers",
         "key",
+        "overrun",
         "parser",
         "pool",
         "reason",
         "received",
+        "reusable",
         "transport",
         "tunnel",
         "uses",
@@ -56,6 +59,11 @@ class UpstreamConnection(asyncio.Protocol):
         #: monotonic time after which the connection is timed out; 0 means none
         self.deadline = 0.0
         self.tunnel = False
+        #: a response ended during this read: pool or close once the parser returns
+        self.finished = False
+        self.reusable = False
+        #: the upstream sent bytes after the end of a response
+        self.overrun = False
         #: the status reason and headers of the response being parsed
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -91,6 +99,18 @@ class UpstreamConnection(asyncio.Protocol):
                 exchange.upstream_failed(self, error)
         finally:
             client.uncork()
+        if self.finished:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Pool the connection after a complete response, unless it said more."""
+        self.finished = False
+        if self.reusable and not self.overrun:
+            self.pool.release(self)
+        else:
+            # bytes after the end of a response (or a response that cannot be
+            # followed): whatever they are, they must never reach another client
+            self.close()
 
     def eof_received(self) -> bool:
         return False
@@ -112,11 +132,17 @@ class UpstreamConnection(asyncio.Protocol):
 
     # httptools callbacks, forwarded to the exchange
 
+    def on_message_begin(self) -> None:
+        if self.finished or self.exchange is None:
+            self.overrun = True
+
     def on_status(self, reason: bytes) -> None:
-        self.reason += reason
+        if self.exchange is not None:
+            self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        if self.exchange is not None:
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self.exchange is not None:
@@ -136,6 +162,12 @@ class UpstreamConnection(asyncio.Protocol):
         """Write bytes of the current request."""
         assert self.transport is not None
         self.transport.write(data)
+
+    def finish(self, reusable: bool) -> None:
+        """End the current exchange; pooling waits until the parser has stopped."""
+        self.exchange = None
+        self.finished = True
+        self.reusable = reusable
 
     def new_parser(self) -> None:
         """Start a fresh parser, for a response whose body the parser cannot know of."""

@@ -6,8 +6,11 @@ The class tree::
     ├── ConfigError (also ValueError)          a file, flag or variable is wrong
     ├── ClientRequestError                     the client sent something we refuse
     │   ├── BadRequest              400
+    │   ├── MethodNotAllowed        405
+    │   ├── BodyTooLarge            413
     │   ├── HeadersTooLarge         431
-    │   └── BodyTooLarge            413
+    │   ├── NotImplementedCoding    501
+    │   └── VersionNotSupported     505
     └── UpstreamError                          forwarding to an upstream failed
         ├── NoUpstreamAvailable     503
         │   └── PinnedUnavailable   503 with Retry-After
@@ -50,6 +53,27 @@ class ClientRequestError(StickyProxyError):
 
 class BadRequest(ClientRequestError):
     """The request is malformed or ambiguously framed."""
+
+
+class MethodNotAllowed(ClientRequestError):
+    """The method is one a reverse proxy does not pass on (CONNECT, TRACE)."""
+
+    status = 405
+    reason = "method not allowed"
+
+
+class NotImplementedCoding(ClientRequestError):
+    """The request uses a transfer coding other than chunked."""
+
+    status = 501
+    reason = "transfer coding not implemented"
+
+
+class VersionNotSupported(ClientRequestError):
+    """The request line names an HTTP version other than 1.0 and 1.1."""
+
+    status = 505
+    reason = "HTTP version not supported"
 
 
 class HeadersTooLarge(ClientRequestError):

@@ -16,16 +16,20 @@ from stickyproxy import headers as h
 from stickyproxy.errors import (
     BadRequest,
     BodyTooLarge,
+    MethodNotAllowed,
+    NotImplementedCoding,
     NoUpstreamAvailable,
     PinnedUnavailable,
     StickyProxyError,
     UpstreamConnectError,
     UpstreamError,
+    UpstreamProtocolError,
     UpstreamTimeout,
+    VersionNotSupported,
     status_for,
 )
 from stickyproxy.headers import error_response
-from stickyproxy.log import ACCESS_LOGGER, SELECTION_LOGGER, AccessLog
+from stickyproxy.log import PROXY_LOGGER, SELECTION_LOGGER, AccessLog
 from stickyproxy.selection import RequestView
 from stickyproxy.upstreams import Selection, Upstream
 
@@ -34,11 +38,14 @@ if TYPE_CHECKING:
     from stickyproxy.connections import UpstreamConnection
     from stickyproxy.forwarding import Group, ProxyState
 
-log = logging.getLogger(ACCESS_LOGGER)
+log = logging.getLogger(PROXY_LOGGER)
 selection_log = logging.getLogger(SELECTION_LOGGER)
 
 # bytes of request body held while no upstream connection takes them yet
 BODY_BUFFER_LIMIT = 256 * 1024
+
+# a reverse proxy forwards to origin servers: tunnels and loop-backs stay here
+_REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 
 # request headers a proxy looks at; every other header is copied as it came
 _HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _UPGRADE = 1, 2, 3, 4, 5
@@ -90,6 +97,7 @@ class Exchange:
         "client",
         "client_gone_flag",
         "client_keep_alive",
+        "client_stalled",
         "connection",
         "content_length",
         "early_tunnel_data",
@@ -160,6 +168,8 @@ class Exchange:
         self.chunked_response = False
         self.bytes_out = 0
         self.client_gone_flag = False
+        #: the client stopped taking response bytes (flow control paused the upstream)
+        self.client_stalled = False
         #: the task of a step that waits (connecting, a store lookup), kept referenced
         self.task: asyncio.Task[None] | None = None
 
@@ -169,8 +179,14 @@ class Exchange:
         """Check the request head and build what is forwarded; runs once per request."""
         client, state = self.client, self.state
         headers = self.headers
+        if self.version not in ("1.1", "1.0"):
+            raise VersionNotSupported()
+        if self.method in _REFUSED_METHODS:
+            raise MethodNotAllowed(f"{self.method} is not passed to upstreams")
         content_lengths = []
         connection_values = []
+        hosts = 0
+        transfer_codings = b""
         xff: list[bytes] = []
         forwarded: list[bytes] = []
         proto = host = b""
@@ -188,11 +204,13 @@ class Exchange:
                 append(b"%s: %s\r\n" % (name, value))
             elif kind == _HOST:
                 host = value
+                hosts += 1
                 append(b"%s: %s\r\n" % (name, value))
             elif kind == _CONTENT_LENGTH:
                 content_lengths.append(value)
             elif kind == _TRANSFER_ENCODING:
                 transfer_encoding = True
+                transfer_codings += value
             elif kind == _CONNECTION:
                 connection_values.append(value)
             elif kind == _UPGRADE:
@@ -207,6 +225,17 @@ class Exchange:
         # framing: refuse anything a server behind us could read differently
         if transfer_encoding and content_lengths:
             raise BadRequest("both Content-Length and Transfer-Encoding")
+        if transfer_encoding:
+            if self.version == "1.0":
+                raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+            if transfer_codings.strip().lower() != b"chunked":
+                raise NotImplementedCoding()
+        if hosts > 1:
+            raise BadRequest("more than one Host header")
+        if self.upgrade and (
+            transfer_encoding or self.content_length_given(content_lengths)
+        ):
+            raise BadRequest("an upgrade request cannot carry a body")
         if content_lengths:
             text = content_lengths[0]
             if len(content_lengths) > 1 and len(set(content_lengths)) > 1:
@@ -218,6 +247,14 @@ class Exchange:
                 raise BodyTooLarge()
         self.chunked_request = transfer_encoding
         self.is_head = self.method == "HEAD"
+        target_bytes = self.target
+        if not target_bytes.startswith(b"/"):
+            # absolute form: its authority is the host (RFC 9112, 3.2.2)
+            scheme, _, rest = target_bytes.partition(b"://")
+            if scheme.lower() in (b"http", b"https") and rest:
+                host = rest.split(b"/", 1)[0].split(b"?", 1)[0]
+            elif not (target_bytes == b"*" and self.method == "OPTIONS"):
+                raise BadRequest("request target must be a path or an absolute URL")
         if not host and self.version == "1.1":
             raise BadRequest("missing Host header")
         self.host = _host_name(host)
@@ -270,6 +307,11 @@ class Exchange:
         if transfer_encoding:
             append(b"Transfer-Encoding: chunked\r\n")
         self.head = b"".join(lines)
+
+    @staticmethod
+    def content_length_given(values: list[bytes]) -> bool:
+        """Return whether Content-Length headers announce a body."""
+        return any(value.strip() not in (b"", b"0") for value in values)
 
     def _filtered_head(
         self, request_line: bytes, drop_also: frozenset[bytes]
@@ -391,7 +433,14 @@ class Exchange:
         connection.exchange = self
         connection.uses += 1
         connection.received = 0
-        connection.deadline = self.client.loop.time() + self.state.read_timeout
+        # the read timeout runs once the request is out; until then the client's
+        # body timeout governs, so a slow upload is the client's fault, not the
+        # upstream's
+        connection.deadline = (
+            self.client.loop.time() + self.state.read_timeout
+            if self.request_done
+            else 0.0
+        )
         head = self.head
         upstream = self.upstream
         if upstream is not None and (
@@ -449,17 +498,20 @@ class Exchange:
     def on_request_complete(self) -> None:
         """Note that the whole request body has arrived, and finish it upstream."""
         self.request_done = True
-        if self.connection is not None and not self.connection.tunnel:
+        connection = self.connection
+        if connection is not None and not connection.tunnel:
             self._send_body_end()
+            if not connection.deadline:
+                connection.deadline = self.client.loop.time() + self.state.read_timeout
 
     # the response
 
     def touch_upstream(self, connection: UpstreamConnection) -> None:
         """Push the upstream's read deadline forward; it just sent something."""
-        timeout = (
-            self.state.tunnel_timeout if connection.tunnel else self.state.read_timeout
-        )
-        connection.deadline = self.client.loop.time() + timeout
+        if connection.tunnel:
+            connection.deadline = self.client.loop.time() + self.state.tunnel_timeout
+        elif self.request_done and not self.client_stalled:
+            connection.deadline = self.client.loop.time() + self.state.read_timeout
 
     def on_response_headers_complete(self, connection: UpstreamConnection) -> None:
         """Write the response head to the client, with the proxy's own headers."""
@@ -505,6 +557,11 @@ class Exchange:
                 if name.lower() not in drop:
                     append(b"%s: %s\r\n" % (name, value))
 
+        if status == 101 and not self.upgrade:
+            self.response_started = False
+            error = UpstreamProtocolError("101 Switching Protocols to a plain request")
+            self.upstream_failed(connection, error)
+            return
         upgraded = status == 101 and self.upgrade
         if upgraded and upgrade_line:
             append(upgrade_line)
@@ -591,22 +648,22 @@ class Exchange:
         if self.chunked_response:
             self.client.write(b"0\r\n\r\n")
         self.connection = None
-        reusable = (
+        connection.finish(
             self.request_done
             and connection.parser.should_keep_alive()
             and not self.response_until_close
         )
-        if reusable:
-            self.client.proxy.connections.release(connection)
-        else:
-            connection.close()
         self._finish()
 
     def upstream_upgraded(self, rest: bytes) -> None:
         """The upstream switched protocols: relay raw bytes both ways from now on."""
         connection = self.connection
-        if connection is None or not connection.tunnel:
-            self.upstream_failed(connection, UpstreamError("unexpected upgrade"))  # type: ignore[arg-type]
+        if connection is None:
+            return  # already failed: a 101 nobody asked for
+        if not connection.tunnel:
+            self.upstream_failed(
+                connection, UpstreamProtocolError("unexpected upgrade")
+            )
             return
         self.touch_upstream(connection)
         self.client.start_tunnel(connection)
@@ -765,16 +822,44 @@ class Exchange:
             self.abandon_upstream()
 
     def pause_client_reading(self, on: bool) -> None:
-        """Flow control: the upstream cannot take request bytes as fast as they come."""
-        self.client.pause(PAUSE_UPSTREAM_FULL, on)
+        """Flow control: the upstream cannot take request bytes as fast as they come.
+
+        While it lags, the wait is the upstream's: its deadline runs (as a send
+        timeout) and the client's body timeout is suspended.
+        """
+        client = self.client
+        client.pause(PAUSE_UPSTREAM_FULL, on)
+        connection = self.connection
+        now = client.loop.time()
+        if on:
+            client.deadline = 0.0
+            if connection is not None:
+                connection.deadline = now + self.state.read_timeout
+        elif not self.request_done:
+            client.deadline = now + self.state.client_body_timeout
+            if connection is not None:
+                connection.deadline = 0.0
 
     def pause_upstream_reading(self, on: bool) -> None:
-        """Flow control: the client cannot take response bytes as fast as they come."""
+        """Flow control: the client cannot take response bytes as fast as they come.
+
+        While it lags, the wait is the client's: the upstream's read timeout is
+        suspended and the client's send timeout runs instead.
+        """
+        self.client_stalled = on
+        client = self.client
         connection = self.connection
+        now = client.loop.time()
+        if on:
+            client.deadline = now + self.state.client_send_timeout
+        elif self.request_done:
+            client.deadline = 0.0
         if connection is not None and connection.transport is not None:
             if on:
+                connection.deadline = 0.0
                 connection.transport.pause_reading()
             else:
+                connection.deadline = now + self.state.read_timeout
                 connection.transport.resume_reading()
 
     def _finish(self, keep_alive: bool | None = None) -> None:
@@ -790,6 +875,15 @@ class Exchange:
         if keep_alive is None:
             keep_alive = self.client_keep_alive
         self.client.finished(self, keep_alive)
+
+    def refused(self, status: int) -> None:
+        """Account for a request the client side refused (400, 413, 431, ...)."""
+        self.status = status
+        self.response_done = True
+        access_log = self.state.access_log
+        if access_log is not None:
+            self._write_access_log(access_log, None)
+        self.client.proxy.observer.request_finished(self)
 
     def _write_access_log(
         self, access_log: AccessLog, upstream: Upstream | None

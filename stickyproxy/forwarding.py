@@ -104,6 +104,7 @@ class ProxyState:
         self.body_limit = limits.body_bytes
         self.client_header_timeout = timeouts.client_header
         self.client_body_timeout = timeouts.client_body
+        self.client_send_timeout = timeouts.client_send
         self.keepalive_timeout = timeouts.keepalive_idle
         self.read_timeout = timeouts.upstream_read
         self.tunnel_timeout = timeouts.tunnel_idle

@@ -34,6 +34,7 @@ REASONS = {
     400: "Bad Request",
     403: "Forbidden",
     404: "Not Found",
+    405: "Method Not Allowed",
     408: "Request Timeout",
     413: "Content Too Large",
     421: "Misdirected Request",
@@ -41,7 +42,9 @@ REASONS = {
     500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
+    501: "Not Implemented",
     504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
 }
 
 
@@ -61,11 +64,19 @@ _PLAIN_CONNECTION = frozenset(
 )
 
 
+#: headers a Connection list may not remove: the message's framing and target
+_UNREMOVABLE = HOP_BY_HOP | {b"content-length", b"host"}
+
+
 def extra_connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
-    """Return the headers Connection names beyond the hop-by-hop ones (usually none)."""
+    """Return the headers Connection names beyond the hop-by-hop ones (usually none).
+
+    Framing headers are never removed this way: a peer that lists Content-Length
+    in Connection would otherwise make the proxy send a message without a length.
+    """
     if not values or (len(values) == 1 and values[0] in _PLAIN_CONNECTION):
         return frozenset()
-    return connection_tokens(values) - HOP_BY_HOP
+    return connection_tokens(values) - _UNREMOVABLE
 
 
 class TrustedProxies:

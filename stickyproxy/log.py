@@ -14,6 +14,7 @@ UPSTREAM_LOGGER = "stickyproxy.upstream"
 SELECTION_LOGGER = "stickyproxy.selection"
 CONFIG_LOGGER = "stickyproxy.config"
 SERVER_LOGGER = "stickyproxy.server"
+PROXY_LOGGER = "stickyproxy.proxy"
 HEALTH_LOGGER = "stickyproxy.health"
 AFFINITY_LOGGER = "stickyproxy.affinity"
 ADMIN_LOGGER = "stickyproxy.admin"
@@ -32,6 +33,18 @@ def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
     # the access log has its own writer; keep it out of the diagnostic stream
     access = logging.getLogger(ACCESS_LOGGER)
     access.propagate = False
+
+
+# as nginx does: quotes, backslashes and control bytes in logged request fields are
+# written as \xHH, so that a crafted User-Agent cannot forge fields of the line
+_ESCAPES = {
+    code: f"\\x{code:02X}" for code in (*range(0x20), 0x22, 0x5C, *range(0x7F, 0x100))
+}
+
+
+def escape(text: str) -> str:
+    """Return text safe to place between quotes in a combined-format line."""
+    return text.translate(_ESCAPES)
 
 
 class AccessLog:
@@ -84,8 +97,9 @@ class AccessLog:
             line = json.dumps(record, separators=(",", ":"))
         else:
             line = (
-                f'{client} - - [{self._time(now)}] "{method} {target} HTTP/{version}" '
-                f'{status} {sent} "{referer or "-"}" "{agent or "-"}" '
+                f'{client} - - [{self._time(now)}] "{escape(method)} {escape(target)} '
+                f'HTTP/{version}" {status} {sent} "{escape(referer) or "-"}" '
+                f'"{escape(agent) or "-"}" '
                 f"upstream={upstream or '-'} rt={duration:.3f} sel={reason or '-'}"
             )
         self.stream.write(line + "\n")
