@@ -40,6 +40,7 @@ class Upstream:
         "id",
         "index",
         "max_conns",
+        "max_fails",
         "port",
         "requests",
         "weight",
@@ -58,6 +59,8 @@ class Upstream:
         self.weight = config.weight
         self.backup = config.backup
         self.max_conns = config.max_conns
+        #: failures within fail_timeout that rest the upstream; 0 never rests it
+        self.max_fails = config.max_fails
         self.admin_state: AdminState = "down" if config.down else "up"
         self.healthy = True
         self.active = 0
@@ -149,7 +152,7 @@ class Upstream:
         As nginx does: max_fails failures within fail_timeout take the upstream out
         for fail_timeout. max_fails of 0 disables passive accounting.
         """
-        max_fails = self.config.max_fails
+        max_fails = self.max_fails
         if max_fails == 0:
             return False
         now = time.monotonic()
@@ -200,6 +203,9 @@ class Pool:
             Upstream(server, config.name, index)
             for index, server in enumerate(config.servers)
         )
+        if len(self.upstreams) == 1:
+            # as nginx: resting the only upstream would only turn errors into 503s
+            self.upstreams[0].max_fails = 0
         self.primaries = tuple(u for u in self.upstreams if not u.backup)
         self.backups = tuple(u for u in self.upstreams if u.backup)
         self.by_id = {upstream.id: upstream for upstream in self.upstreams}

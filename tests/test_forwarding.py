@@ -391,17 +391,22 @@ async def test_stale_pooled_connection_is_retried_for_get_but_never_for_post(
 
 async def test_failures_map_to_502_503_504(tmp_path: Path) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
-    config = proxy_config(tmp_path, [closed], group="retries = 0")
+    other = f"http://127.0.0.1:{free_port()}"
+    config = proxy_config(tmp_path, [closed, other], group="retries = 0")
     async with running_proxy(config) as proxy:
-        status, _, body = await exchange(
-            proxy.ports[0], b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
-        )
-        assert status.startswith("HTTP/1.1 502") and body == b"bad gateway\n"
-        # max_fails = 1 took the only upstream out: nothing is available now
-        status, _, body = await exchange(
-            proxy.ports[0], b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
-        )
+        request = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+        for _ in range(2):
+            status, _, body = await exchange(proxy.ports[0], request)
+            assert status.startswith("HTTP/1.1 502") and body == b"bad gateway\n"
+        # max_fails = 1 took each upstream out in turn: nothing is available now
+        status, _, body = await exchange(proxy.ports[0], request)
         assert status.startswith("HTTP/1.1 503") and body == b"no upstream available\n"
+
+    # as nginx, the only upstream of a group is never taken out
+    async with running_proxy(proxy_config(tmp_path, [closed])) as proxy:
+        for _ in range(2):
+            status, _, _ = await exchange(proxy.ports[0], request)
+            assert status.startswith("HTTP/1.1 502")
 
     async def silent(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: RawUpstream
