@@ -108,6 +108,7 @@ class Exchange:
         "headers",
         "host",
         "is_head",
+        "last_error",
         "method",
         "request_done",
         "response_done",
@@ -155,6 +156,8 @@ class Exchange:
         self.upstream: Upstream | None = None
         self.connection: UpstreamConnection | None = None
         self.tried: list[Upstream] = []
+        #: the failure that made the last retry necessary
+        self.last_error: UpstreamError | None = None
         self.extra_headers = b""
         self.early_tunnel_data = b""
         self.status = 0
@@ -368,7 +371,8 @@ class Exchange:
                 self.fail(exc)
             return
         if selection is None:
-            self.fail(NoUpstreamAvailable())
+            # after a failed try, the client hears why it failed, not "none left"
+            self.fail(self.last_error or NoUpstreamAvailable())
             return
         self.selection = selection
         upstream = selection.upstream
@@ -772,6 +776,7 @@ class Exchange:
         if len(self.tried) <= group.config.retries:
             self.client.proxy.observer.retried(group.config.name)
             self.selection = None
+            self.last_error = error
             self.start()
             return
         self.fail(error)
