@@ -64,6 +64,9 @@ VERIFIED_CACHE_SIZE = 4096
 #: session cookie values whose table key is remembered
 KEY_CACHE_SIZE = 4096
 
+#: longest Expires attribute read in a Set-Cookie; an HTTP date has 29 characters
+MAX_DATE_LENGTH = 64
+
 _FORMAT = "v1"
 _SIGNATURE_BYTES = 16
 _ID_LENGTH = 12
@@ -531,7 +534,8 @@ def parse_session_cookie(
     """Return the name, value and whether it clears, if a Set-Cookie sets one of names.
 
     A cookie clears when its value is empty, its Max-Age is not positive, or, without
-    a Max-Age, its Expires lies in the past.
+    a Max-Age, its Expires lies in the past. A malformed Max-Age or Expires counts as
+    absent, as browsers ignore it; no value makes this raise.
     """
     text = value.decode("latin-1")
     pair, _, attributes = text.partition(";")
@@ -541,19 +545,39 @@ def parse_session_cookie(
         return None
     cookie_value = cookie_value.strip().strip('"')
 
-    max_age: int | None = None
-    expired = False
+    max_age_clears: bool | None = None
+    expired: bool | None = None
     for attribute in attributes.split(";"):
         key, _, argument = attribute.partition("=")
         key, argument = key.strip().lower(), argument.strip()
-        if key == "max-age" and argument.lstrip("-").isdigit():
-            max_age = int(argument)
-        elif key == "expires":
-            try:
-                expired = parsedate_to_datetime(argument).timestamp() < time.time()
-            except (TypeError, ValueError):
-                continue
+        # a malformed attribute is skipped and leaves an earlier one of its kind
+        if key == "max-age" and (read := _max_age_clears(argument)) is not None:
+            max_age_clears = read
+        elif key == "expires" and (read := _expired(argument)) is not None:
+            expired = read
 
     # Max-Age wins over Expires when a cookie has both
-    clears = not cookie_value or (max_age <= 0 if max_age is not None else expired)
-    return name, cookie_value, clears
+    if max_age_clears is None:
+        max_age_clears = bool(expired)
+    return name, cookie_value, not cookie_value or max_age_clears
+
+
+def _max_age_clears(argument: str) -> bool | None:
+    """Return whether a Max-Age value clears its cookie, or None if it is malformed."""
+    digits = argument.removeprefix("-")
+    if not digits.isascii() or not digits.isdigit():
+        return None
+
+    # only the sign matters: a number of any length is read without converting it
+    return argument.startswith("-") or not digits.strip("0")
+
+
+def _expired(argument: str) -> bool | None:
+    """Return whether an Expires date lies in the past, or None if it is malformed."""
+    if len(argument) > MAX_DATE_LENGTH:
+        return None
+    try:
+        return parsedate_to_datetime(argument).timestamp() < time.time()
+    except (TypeError, ValueError, OverflowError, OSError):
+        # out-of-range fields fail in several ways inside email.utils and datetime
+        return None

@@ -590,6 +590,47 @@ def test_set_cookie_parsing() -> None:
     )
 
 
+HUGE = "9" * 5000
+
+
+@pytest.mark.parametrize(
+    ("attributes", "clears"),
+    [
+        (f"Max-Age={HUGE}", False),
+        (f"Max-Age=-{HUGE}", True),
+        (f"Max-Age=000{HUGE}", False),
+        ("Max-Age=-0", True),
+        ("Max-Age=0000", True),
+        ("Max-Age=--5", False),
+        ("Max-Age=\xb2", False),
+        ("Max-Age=-\xb9", False),
+        ("Max-Age=-", False),
+        ("Max-Age=+5", False),
+        ("Max-Age=1e9", False),
+        (f"Expires={HUGE}", False),
+        ("Expires=Sat, 01 Jan 2000 99999999999999999999:00:00 GMT", False),
+        ("Expires=Sat, 01 Jan 99999999999999999999 00:00:00 GMT", False),
+        ("Expires=Sat, 01 Jan 2000 00:00:00 +99999999999999999999", False),
+        ("Expires=Sat, 01 Jan 2000 00:00:99999999999999 GMT", False),
+        ("Expires=Mon, 01 Jan 0001 00:00:00 -0000", True),
+        ("Expires=Fri, 31 Dec 9999 23:59:59 -0000", False),
+        ("Expires=Thu, 01 Jan 1970 00:00:00 GMT; Max-Age=-\xb2", True),
+        ("Max-Age=60; Max-Age=--1", False),
+        ("Max-Age=0; Max-Age=9\xb2", True),
+        ("Expires=Thu, 01 Jan 1970 00:00:00 GMT; Expires=31 Feb 99999999999", True),
+        (f"Expires={HUGE}; Max-Age={HUGE}", False),
+    ],
+)
+def test_absurd_max_age_and_expires_never_raise(attributes: str, clears: bool) -> None:
+    line = f"connect.sid=s1; Path=/; {attributes}"
+    parsed = parse_session_cookie(line.encode("latin-1"), ("connect.sid",))
+    assert parsed == ("connect.sid", "s1", clears)
+
+    policy = learn_policy()
+    answer(policy, request(), line)
+    assert len(policy.table) == (0 if clears else 1)
+
+
 def test_learn_table_is_bounded_least_recently_used_first() -> None:
     policy = learn_policy(max_entries=2)
     first = answer(policy, request(), "connect.sid=a")
