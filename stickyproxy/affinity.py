@@ -29,7 +29,7 @@ from stickyproxy.config import CookieConfig, GroupConfig
 from stickyproxy.errors import PinnedUnavailable
 from stickyproxy.log import AFFINITY_LOGGER
 from stickyproxy.selection import NO_EXCLUSIONS, LeastConn, Policy, RequestView
-from stickyproxy.stores import RedisMirror, SessionTable, WriteKind
+from stickyproxy.stores import RedisMirror, SessionTable
 from stickyproxy.upstreams import Pool, Selection, Upstream
 
 log = logging.getLogger(AFFINITY_LOGGER)
@@ -360,6 +360,13 @@ class SessionCookie(NamedTuple):
 class LearnedAffinity(_Sticky):
     """Pin on the application's own session cookie, learned from its Set-Cookie.
 
+    A session an upstream sets is a confirmed pin. A request may also carry a
+    session no upstream set here (one from before a restart, or one the client made
+    up); where it goes is remembered as an observed pin, so that it keeps its
+    upstream, in a smaller part of the table that never pushes out confirmed pins
+    and is never shared through Redis. It becomes confirmed once an upstream sets
+    it. A confirmed session re-pinned away from a lost upstream stays confirmed.
+
     The table holds a hash of each session value, never the value. With a Redis URL
     the table is shared: the data plane must call ``needs_lookup`` once per request
     and, when it returns True, await ``prefetch`` before ``select``. A pin learned by
@@ -467,7 +474,11 @@ class LearnedAffinity(_Sticky):
 
         # an active session keeps its pin alive in Redis too
         store = self.store
-        if store is not None and pin.used - pin.shared > self._refresh_after:
+        if (
+            store is not None
+            and pin.confirmed
+            and pin.used - pin.shared > self._refresh_after
+        ):
             pin.shared = pin.used
             store.write(session.key, pin.upstream_id, "keep")
         return self._keep(request, exclude, upstream)
@@ -491,24 +502,27 @@ class LearnedAffinity(_Sticky):
             if session is not None and name == session.name:
                 spoken = True
             if not clears:
-                self._learn(self._key(name, cookie_value), upstream_id, "set")
+                self._learn(self._key(name, cookie_value), upstream_id)
                 continue
             if cookie_value:
                 self._forget(self._key(name, cookie_value))
             if session is not None and name == session.name:
                 self._forget(session.key)
 
-        # the upstream took a session it was not pinned to: remember where it went
+        # the upstream took a session it was not pinned to and did not set:
+        # remember where it went, without trusting the client's word for a session
         if session is not None and not spoken and selection.reason != "pinned":
-            kind: WriteKind = "set" if selection.reason == "repinned" else "keep"
-            self._learn(session.key, upstream_id, kind)
+            pin = self.table.observe(session.key, upstream_id)
+            if pin.confirmed and self.store is not None:
+                pin.shared = pin.used
+                self.store.write(session.key, upstream_id, "set")
         return ()
 
-    def _learn(self, key: str, upstream_id: str, kind: WriteKind) -> None:
+    def _learn(self, key: str, upstream_id: str) -> None:
         pin = self.table.put(key, upstream_id)
         if self.store is not None:
             pin.shared = pin.used
-            self.store.write(key, upstream_id, kind)
+            self.store.write(key, upstream_id, "set")
 
     def _forget(self, key: str) -> None:
         self.table.delete(key)

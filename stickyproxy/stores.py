@@ -48,21 +48,31 @@ WriteKind = Literal["set", "keep", "delete"]
 class Pin:
     """A session's upstream in the local table, with when it was used and shared."""
 
-    __slots__ = ("shared", "upstream_id", "used")
+    __slots__ = ("confirmed", "shared", "upstream_id", "used")
 
-    def __init__(self, upstream_id: str, used: float) -> None:
+    def __init__(self, upstream_id: str, used: float, confirmed: bool = True) -> None:
         self.upstream_id = upstream_id
         #: clock time of the last request that used the pin
         self.used = used
         #: clock time Redis was last told of the pin; 0 when never
         self.shared = 0.0
+        #: learned from an upstream's Set-Cookie, not only seen in a request
+        self.confirmed = confirmed
 
 
 class SessionTable:
     """Session keys mapped to upstream ids; least recently used leave first.
 
+    Pins are held in two parts. Confirmed pins, learned from an upstream's
+    Set-Cookie, fill up to max_entries. Observed pins, for sessions a request carried
+    but no upstream set, fill up to max_observed and only ever push out each other:
+    a client can invent any number of session ids, and must not be able to evict
+    the sessions the application really issued. An observed pin becomes confirmed
+    when ``put`` learns it.
+
     A pin unused for idle_timeout is forgotten. Because every use moves a pin to the
-    end, idle pins gather at the front, where each insertion sweeps them away.
+    end of its part, idle pins gather at the front, where each insertion sweeps them
+    away.
     """
 
     def __init__(
@@ -70,56 +80,89 @@ class SessionTable:
         max_entries: int,
         idle_timeout: float,
         clock: Callable[[], float] = time.monotonic,
+        max_observed: int | None = None,
     ) -> None:
         self.max_entries = max_entries
+        #: observed pins held at most; a quarter of max_entries unless given
+        self.max_observed = (
+            max(1, max_entries // 4) if max_observed is None else max_observed
+        )
         self.idle_timeout = idle_timeout
         self.clock = clock
         self._pins: OrderedDict[str, Pin] = OrderedDict()
+        self._observed: OrderedDict[str, Pin] = OrderedDict()
         self._counts: dict[str, int] = {}
 
     def __len__(self) -> int:
-        return len(self._pins)
+        return len(self._pins) + len(self._observed)
+
+    @property
+    def observed(self) -> int:
+        """Return the number of observed, unconfirmed pins."""
+        return len(self._observed)
 
     def get(self, key: str) -> Pin | None:
         """Return the session's pin and mark it used, or None if unknown or idle."""
-        pin = self._pins.get(key)
+        pins = self._pins
+        pin = pins.get(key)
         if pin is None:
-            return None
+            pins = self._observed
+            pin = pins.get(key)
+            if pin is None:
+                return None
         now = self.clock()
         if now - pin.used > self.idle_timeout:
             self._remove(key)
             return None
         pin.used = now
-        self._pins.move_to_end(key)
+        pins.move_to_end(key)
         return pin
 
     def put(self, key: str, upstream_id: str) -> Pin:
-        """Pin the session to an upstream, replacing any earlier pin."""
+        """Pin the session to an upstream as confirmed, replacing any earlier pin."""
+        return self._insert(key, upstream_id, confirmed=True)
+
+    def observe(self, key: str, upstream_id: str) -> Pin:
+        """Pin a session no upstream confirmed; a confirmed pin is only moved."""
+        # moving a confirmed pin adds no session, so a re-pinned one stays confirmed
+        return self._insert(key, upstream_id, confirmed=key in self._pins)
+
+    def _insert(self, key: str, upstream_id: str, confirmed: bool) -> Pin:
         now = self.clock()
         self._remove(key)
-        pin = Pin(upstream_id, now)
-        self._pins[key] = pin
+        pin = Pin(upstream_id, now, confirmed)
+        pins, bound = (
+            (self._pins, self.max_entries)
+            if confirmed
+            else (self._observed, self.max_observed)
+        )
+        pins[key] = pin
         self._counts[upstream_id] = self._counts.get(upstream_id, 0) + 1
 
-        self._sweep(now)
+        self._sweep(pins, bound, now)
         return pin
 
-    def _sweep(self, now: float) -> None:
+    def _sweep(self, pins: OrderedDict[str, Pin], bound: int, now: float) -> None:
         """Drop idle pins from the front, then the oldest beyond the bound."""
-        pins = self._pins
         while pins:
             oldest_key, oldest = next(iter(pins.items()))
-            if len(pins) <= self.max_entries and now - oldest.used <= self.idle_timeout:
+            if len(pins) <= bound and now - oldest.used <= self.idle_timeout:
                 break
             self._remove(oldest_key)
 
     def absorb(self, other: SessionTable) -> None:
-        """Take the pins of another table, keeping their order and times."""
-        for key, pin in other._pins.items():
-            self._remove(key)
-            self._pins[key] = pin
-            self._counts[pin.upstream_id] = self._counts.get(pin.upstream_id, 0) + 1
-        self._sweep(self.clock())
+        """Take the pins of another table, keeping their parts, order and times."""
+        for source, target in (
+            (other._pins, self._pins),
+            (other._observed, self._observed),
+        ):
+            for key, pin in source.items():
+                self._remove(key)
+                target[key] = pin
+                self._counts[pin.upstream_id] = self._counts.get(pin.upstream_id, 0) + 1
+        now = self.clock()
+        self._sweep(self._pins, self.max_entries, now)
+        self._sweep(self._observed, self.max_observed, now)
 
     def delete(self, key: str) -> bool:
         """Forget the session; return whether it was known."""
@@ -132,7 +175,9 @@ class SessionTable:
     def _remove(self, key: str) -> bool:
         pin = self._pins.pop(key, None)
         if pin is None:
-            return False
+            pin = self._observed.pop(key, None)
+            if pin is None:
+                return False
         self._counts[pin.upstream_id] -= 1
         return True
 

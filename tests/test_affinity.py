@@ -665,6 +665,51 @@ def test_learn_remembers_where_an_unknown_session_went() -> None:
     assert placed.reason == "new"
     again = answer(policy, request("JSESSIONID=from-before-restart"))
     assert (again.upstream, again.reason) == (placed.upstream, "pinned")
+    assert policy.table.observed == 1
+
+
+def flood(policy: LearnedAffinity, sessions: int) -> None:
+    """Send requests with made-up session ids that no upstream ever sets."""
+    for n in range(sessions):
+        answer(policy, request(f"connect.sid=invented-{n}"))
+
+
+def test_invented_sessions_cannot_evict_sessions_an_upstream_set() -> None:
+    policy = learn_policy(max_entries=8)
+    logins = {
+        value: answer(policy, request(), f"connect.sid={value}").upstream
+        for value in ("a", "b", "c")
+    }
+    # a session re-pinned away from its lost upstream stays confirmed
+    lost = logins["a"]
+    lost.set_admin_state("down")
+    moved = answer(policy, request("connect.sid=a"))
+    assert moved.reason == "repinned"
+    logins["a"] = moved.upstream
+    lost.set_admin_state("up")
+
+    flood(policy, 1000)
+    for value, upstream in logins.items():
+        kept = answer(policy, request(f"connect.sid={value}"))
+        assert (kept.upstream, kept.reason) == (upstream, "pinned")
+    assert policy.table.observed == policy.table.max_observed == 2
+    assert len(policy.table) == 3 + 2
+
+    # invented sessions still keep their upstream while they are recent
+    recent = answer(policy, request("connect.sid=invented-999"))
+    assert recent.reason == "pinned"
+
+
+def test_observed_session_is_confirmed_once_the_upstream_sets_it() -> None:
+    policy = learn_policy(max_entries=8)
+    placed = answer(policy, request("connect.sid=old"))
+    refreshed = answer(policy, request("connect.sid=old"), "connect.sid=old; Path=/")
+    assert (refreshed.upstream, refreshed.reason) == (placed.upstream, "pinned")
+
+    flood(policy, 100)
+    kept = answer(policy, request("connect.sid=old"))
+    assert (kept.upstream, kept.reason) == (placed.upstream, "pinned")
+    assert policy.table.observed == policy.table.max_observed
 
 
 def test_learn_repins_when_the_pinned_upstream_is_down() -> None:
@@ -717,11 +762,15 @@ def test_reload_keeps_learned_pins_and_issued_counts() -> None:
     clock = Clock()
     old = learn_policy(clock)
     login = answer(old, request(), "connect.sid=a")
+    observed = answer(old, request("connect.sid=b"))
     new = learn_policy(clock, max_entries=10)
     new.adopt(old)
     kept = answer(new, request("connect.sid=a"))
     assert (kept.upstream.id, kept.reason) == (login.upstream.id, "pinned")
-    assert new.pinned_counts() == {login.upstream.name: 1}
+    assert new.table.observed == 1
+    counts = {login.upstream.name: 1}
+    counts[observed.upstream.name] = counts.get(observed.upstream.name, 0) + 1
+    assert new.pinned_counts() == counts
 
     old_cookie = cookie_policy()
     place(old_cookie, request())

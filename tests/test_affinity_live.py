@@ -412,6 +412,12 @@ async def test_learn_policies_sharing_redis_find_each_others_pins(
     async with started(first), started(second):
         assert first.redis_connected and second.redis_connected
         assert first.redis_latency is not None and first.redis_latency < 1.0
+        # a session no upstream set is remembered here but never shared
+        invented = first.select(view("connect.sid=invented"))
+        assert invented is not None
+        first.on_response(view("connect.sid=invented"), invented, [])
+        assert first.table.observed == 1
+
         login = first.select(view())
         assert login is not None
         header = [(b"Set-Cookie", b"connect.sid=s1; Path=/")]
