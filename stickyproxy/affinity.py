@@ -1,10 +1,10 @@
 """Sticky policies: a signed affinity cookie, or the application's own session cookie.
 
 ``cookie`` places a client's first request with its fallback policy and answers with
-a signed cookie naming the upstream by its opaque id; later requests carrying a valid
-cookie go to the same upstream. ``learn`` sets no cookie: it watches the upstreams'
-Set-Cookie headers for the application's session cookie and remembers which upstream
-issued each session.
+a signed cookie naming the upstream by an id keyed with the signing secret; later
+requests carrying a valid cookie go to the same upstream. ``learn`` sets no cookie:
+it watches the upstreams' Set-Cookie headers for the application's session cookie
+and remembers which upstream issued each session.
 
 Both keep a pin only while its upstream serves pinned requests (a draining upstream
 still does). Otherwise the group's ``on_pinned_down`` decides: re-pin through the
@@ -147,20 +147,41 @@ class CookiePin(NamedTuple):
     """What a verified affinity cookie says."""
 
     kid: str
-    upstream_id: str
+    #: the upstream's id as the cookie writes it; ``CookieSigner.cookie_id``
+    cookie_id: str
     issued: int
 
 
 class CookieSigner:
     """Sign affinity cookies with one key; verify them with that key or older ones.
 
-    A value reads ``v1.<key id>.<upstream id>.<issued unix time>.<signature>``; the
-    signature is a truncated HMAC-SHA256 over everything before it.
+    A value reads ``v1.<key id>.<cookie id>.<issued unix time>.<signature>``; the
+    signature is a truncated HMAC-SHA256 over everything before it. The cookie id is
+    an HMAC of the upstream's id under a key derived from the secret: the same for
+    a secret across restarts and proxies, and no guess of group names and addresses
+    leads to it without the secret.
     """
 
     def __init__(self, secret: str, verify_secrets: Sequence[str] = ()) -> None:
         self.kid = key_id(secret)
         self._keys = {key_id(s): s.encode() for s in (*verify_secrets, secret) if s}
+        self._id_keys = {
+            kid: hmac.new(
+                key, b"stickyproxy cookie upstream id", hashlib.sha256
+            ).digest()
+            for kid, key in self._keys.items()
+        }
+
+    @property
+    def kids(self) -> Collection[str]:
+        """Return the ids of every key a cookie may be signed with."""
+        return self._keys.keys()
+
+    def cookie_id(self, upstream_id: str, kid: str | None = None) -> str:
+        """Return how a cookie signed with a key (ours by default) names an upstream."""
+        key = self._id_keys[self.kid if kid is None else kid]
+        digest = hmac.new(key, upstream_id.encode(), hashlib.sha256).hexdigest()
+        return digest[:_ID_LENGTH]
 
     def _signature(self, key: bytes, message: str) -> str:
         digest = hmac.new(key, message.encode(), hashlib.sha256).digest()
@@ -168,7 +189,7 @@ class CookieSigner:
 
     def sign(self, upstream_id: str, issued: int) -> str:
         """Return a cookie value pinning to the upstream, issued at a unix time."""
-        message = f"{_FORMAT}.{self.kid}.{upstream_id}.{issued}"
+        message = f"{_FORMAT}.{self.kid}.{self.cookie_id(upstream_id)}.{issued}"
         return f"{message}.{self._signature(self._keys[self.kid], message)}"
 
     def verify(self, value: str) -> CookiePin | None:
@@ -178,12 +199,12 @@ class CookieSigner:
         parts = value.split(".")
         if len(parts) != 5 or parts[0] != _FORMAT:
             return None
-        _, kid, upstream_id, issued, signature = parts
+        _, kid, cookie_id, issued, signature = parts
         key = self._keys.get(kid)
         if (
             key is None
-            or len(upstream_id) != _ID_LENGTH
-            or not _HEX.issuperset(upstream_id)
+            or len(cookie_id) != _ID_LENGTH
+            or not _HEX.issuperset(cookie_id)
         ):
             return None
         if not issued.isdigit() or len(issued) > 12:
@@ -191,7 +212,7 @@ class CookieSigner:
         expected = self._signature(key, value[: -len(signature) - 1])
         if not hmac.compare_digest(expected, signature):
             return None
-        return CookiePin(kid, upstream_id, int(issued))
+        return CookiePin(kid, cookie_id, int(issued))
 
 
 def cookie_secret(configured: str) -> str:
@@ -239,6 +260,8 @@ class CookieAffinity(_Sticky):
         self._refresh_after = min(lifetimes) / 2 if lifetimes else 0.0
         self._verified: dict[str, CookiePin] = {}
         self._issued: dict[str, int] = {}
+        self._upstreams: dict[tuple[str, str], Upstream] = {}
+        self._upstreams_version = -1
         self._attributes = {
             secure: _cookie_attributes(config, secure) for secure in (False, True)
         }
@@ -249,13 +272,13 @@ class CookieAffinity(_Sticky):
         values = request.cookies(self.cookie_name)
         if not values:
             return self._place(request, exclude, "new", "")
-        pin = self._read(values)
-        if isinstance(pin, str):
-            return self._place(request, exclude, "repinned", pin)
-        return self._keep(request, exclude, self.pool.by_id[pin.upstream_id])
+        pinned = self._read(values)
+        if isinstance(pinned, str):
+            return self._place(request, exclude, "repinned", pinned)
+        return self._keep(request, exclude, pinned[1])
 
-    def _read(self, values: Sequence[str]) -> CookiePin | str:
-        """Return the pin the cookie values carry, or the cause that voids them."""
+    def _read(self, values: Sequence[str]) -> tuple[CookiePin, Upstream] | str:
+        """Return the pin the cookie values carry and its upstream, or why not."""
         if len(values) > 1:
             return "duplicated"
         value = values[0]
@@ -280,9 +303,23 @@ class CookieAffinity(_Sticky):
             return "expired"
         if pin.issued > now + CLOCK_SKEW:
             return "invalid"
-        if pin.upstream_id not in self.pool.by_id:
+        upstream = self._cookie_upstreams().get((pin.kid, pin.cookie_id))
+        if upstream is None:
             return "unknown_upstream"
-        return pin
+        return pin, upstream
+
+    def _cookie_upstreams(self) -> dict[tuple[str, str], Upstream]:
+        """Return the upstreams by key id and cookie id, for the pool as it is now."""
+        pool = self.pool
+        if self._upstreams_version != pool.version:
+            signer = self.signer
+            self._upstreams = {
+                (kid, signer.cookie_id(upstream.id, kid)): upstream
+                for kid in signer.kids
+                for upstream in pool
+            }
+            self._upstreams_version = pool.version
+        return self._upstreams
 
     def on_response(
         self,
@@ -299,8 +336,11 @@ class CookieAffinity(_Sticky):
         return (self.set_cookie_line(upstream, request.secure),)
 
     def _needs_refresh(self, request: RequestView) -> bool:
-        pin = self._read(request.cookies(self.cookie_name))
-        if isinstance(pin, str) or pin.kid != self.signer.kid:
+        pinned = self._read(request.cookies(self.cookie_name))
+        if isinstance(pinned, str):
+            return True
+        pin = pinned[0]
+        if pin.kid != self.signer.kid:
             return True
         return bool(self._refresh_after) and (
             self.clock() - pin.issued > self._refresh_after

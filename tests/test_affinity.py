@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -32,7 +33,7 @@ from stickyproxy.config import (
 from stickyproxy.errors import PinnedUnavailable
 from stickyproxy.policies import build_policy
 from stickyproxy.selection import RequestView
-from stickyproxy.upstreams import Pool, Selection
+from stickyproxy.upstreams import Pool, Selection, Upstream
 
 SECRET = "unit-test-secret"
 NOW = 1_800_000_000.0
@@ -127,40 +128,72 @@ def test_first_request_is_placed_and_pinned_by_a_signed_cookie() -> None:
         assert policy.on_response(view, again, []) == ()
 
 
+def cookie_id(policy: CookieAffinity, upstream: Upstream) -> str:
+    """Return the id the policy's cookies give an upstream."""
+    return policy.signer.cookie_id(upstream.id)
+
+
 def test_cookie_value_names_the_upstream_by_opaque_id_only() -> None:
     policy = cookie_policy()
     selection, value = place(policy, request())
     upstream = selection.upstream
-    assert upstream.id in value
+    assert value.split(".")[2] == cookie_id(policy, upstream)
     for revealing in (upstream.host, str(upstream.port), upstream.name, "10.0.0"):
         assert revealing not in value
     assert len(value) <= affinity.MAX_COOKIE_LENGTH
 
 
+def written_id(policy: CookieAffinity, upstream: Upstream) -> str:
+    """Return the upstream id in the cookie the policy sets for an upstream."""
+    _, value, _ = set_cookie([policy.set_cookie_line(upstream, False)])
+    return value.split(".")[2]
+
+
+def test_cookie_id_cannot_be_derived_without_the_secret() -> None:
+    one, other = cookie_policy(), cookie_policy(secret="another-secret")
+    for upstream in one.pool:
+        # the pool's own id hashes the group and URL, which anyone can guess
+        public = hashlib.sha256(f"app\0{upstream.config.url}".encode()).hexdigest()
+        ids = {written_id(one, upstream), written_id(other, upstream)}
+        assert len(ids) == 2
+        assert not any(i in public for i in ids)
+
+    # the same secret gives the same ids, so pins survive a restart
+    again = cookie_policy()
+    assert [written_id(again, u) for u in again.pool] == [
+        written_id(one, u) for u in one.pool
+    ]
+    _, value = place(one, request())
+    assert again.select(request(f"stickyproxy={value}")).reason == "pinned"  # type: ignore[union-attr]
+    voided = other.select(request(f"stickyproxy={value}"))
+    assert voided is not None and voided.cause == "invalid"
+
+
 def test_signer_round_trip_and_format() -> None:
     signer = CookieSigner("k1")
     value = signer.sign("0123456789ab", 1_700_000_000)
-    version, kid, upstream_id, issued, signature = value.split(".")
-    assert (version, kid, upstream_id, issued) == (
+    version, kid, written_id, issued, signature = value.split(".")
+    assert (version, kid, written_id, issued) == (
         "v1",
         key_id("k1"),
-        "0123456789ab",
+        signer.cookie_id("0123456789ab"),
         "1700000000",
     )
+    assert written_id != "0123456789ab" and len(written_id) == 12
     assert len(signature) == 22
-    assert signer.verify(value) == CookiePin(
-        key_id("k1"), "0123456789ab", 1_700_000_000
-    )
+    assert signer.verify(value) == CookiePin(key_id("k1"), written_id, 1_700_000_000)
 
 
 def tampered_variants(policy: CookieAffinity, value: str) -> dict[str, str]:
     """Return ways to damage a valid cookie value, by name."""
-    other = next(u for u in policy.pool if u.id not in value)
+    other = next(u for u in policy.pool if cookie_id(policy, u) not in value)
     version, kid, upstream_id, issued, signature = value.split(".")
     flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
     return {
         "signature": ".".join((version, kid, upstream_id, issued, flipped)),
-        "upstream": ".".join((version, kid, other.id, issued, signature)),
+        "upstream": ".".join(
+            (version, kid, cookie_id(policy, other), issued, signature)
+        ),
         "issued": ".".join(
             (version, kid, upstream_id, str(int(issued) - 1), signature)
         ),
@@ -196,7 +229,7 @@ def test_tampered_cookie_is_replaced_by_a_fresh_one(variant: str) -> None:
     assert (selection.reason, selection.cause) == ("repinned", "invalid")
     _, fresh, _ = set_cookie(policy.on_response(view, selection, []))
     assert policy.signer.verify(fresh) is not None
-    assert selection.upstream.id in fresh
+    assert cookie_id(policy, selection.upstream) in fresh
 
 
 def malformed_requests(policy: CookieAffinity, clock: Clock) -> dict[str, RequestView]:
@@ -300,7 +333,7 @@ def test_pin_is_refreshed_past_half_its_lifetime() -> None:
     assert selection is not None and selection.reason == "pinned"
     _, fresh, _ = set_cookie(policy.on_response(view, selection, []))
     assert fresh.split(".")[3] == str(int(clock.now))
-    assert selection.upstream.id in fresh
+    assert cookie_id(policy, selection.upstream) in fresh
 
 
 def test_key_rotation_accepts_old_keys_and_signs_with_the_new_one() -> None:
@@ -313,10 +346,15 @@ def test_key_rotation_accepts_old_keys_and_signs_with_the_new_one() -> None:
     assert pinned is not None
     assert (pinned.upstream.id, pinned.reason) == (selection.upstream.id, "pinned")
 
-    # the answer replaces the old-key cookie with one signed by the new key
+    # the answer replaces the old-key cookie with one signed by the new key, which
+    # also names the upstream anew
     _, fresh, _ = set_cookie(rotated.on_response(view, pinned, []))
     assert fresh.split(".")[1] == key_id("new-secret") != key_id("old-secret")
-    assert fresh.split(".")[2] == selection.upstream.id
+    assert fresh.split(".")[2] == cookie_id(rotated, selection.upstream)
+    assert fresh.split(".")[2] != value.split(".")[2]
+    again = rotated.select(request(f"stickyproxy={fresh}"))
+    assert again is not None
+    assert (again.upstream.id, again.reason) == (selection.upstream.id, "pinned")
 
     unknown_key = cookie_policy(secret="new-secret")
     voided = unknown_key.select(view)
@@ -414,7 +452,7 @@ def test_pin_down_repins_and_sets_a_new_cookie(how: str) -> None:
     assert (moved.reason, moved.cause) == ("repinned", "pin_down")
     assert moved.upstream is not pinned
     _, fresh, _ = set_cookie(policy.on_response(view, moved, []))
-    assert moved.upstream.id in fresh
+    assert cookie_id(policy, moved.upstream) in fresh
 
 
 @pytest.mark.parametrize("mode", ["strict", "wait"])
