@@ -296,7 +296,25 @@ async def serve(
     return 0
 
 
-def default_config_path() -> str | None:
-    """Return config/stickyproxy.toml if it exists in the working directory."""
-    path = Path("config/stickyproxy.toml")
-    return str(path) if path.exists() else None
+def check_listeners_free(config: Config) -> None:
+    """Raise ConfigError if a listener's address is taken, even by SO_REUSEPORT.
+
+    Workers bind with SO_REUSEPORT, which would let a second stickyproxy (or any
+    process of the same user) silently share the port; a plain bind first refuses
+    to start in that case.
+    """
+    for listener in config.listeners:
+        address = listener.address
+        if address.port == 0:
+            continue
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address.host, address.port))
+            except OSError as exc:
+                raise ConfigError(
+                    config.source,
+                    "listeners",
+                    f"cannot listen on {address}: {exc.strerror}",
+                ) from exc
