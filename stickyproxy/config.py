@@ -284,7 +284,8 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     groups: Mapping[str, GroupConfig]
     routes: tuple[RouteConfig, ...]
-    #: worker processes sharing the listening sockets (SO_REUSEPORT)
+    #: worker processes sharing the listening sockets (SO_REUSEPORT), at most
+    #: MAX_WORKERS
     workers: int = 1
     #: add X-Stickyproxy-Upstream and -Reason to responses
     explain_headers: bool = False
@@ -432,7 +433,11 @@ def _read_url(table: _Table, name: str, value: str) -> str:
     if "@" in netloc:
         # never echo the value: what precedes the @ may be a password
         raise table.fail(name, "expected http://host:port without user or password")
-    if any(c in netloc for c in " /?#") or not netloc.isprintable():
+    if " " in netloc or not netloc.isprintable():
+        raise table.fail(
+            name, f"expected http://host:port without spaces, got {value!r}"
+        )
+    if any(c in netloc for c in "/?#"):
         raise table.fail(
             name,
             f"expected http://host:port without path, query or fragment, got {value!r}",
@@ -441,7 +446,7 @@ def _read_url(table: _Table, name: str, value: str) -> str:
     # an IPv6 literal is bracketed; anything else is a host name or IPv4 address
     if netloc.startswith("["):
         host, bracket, port_text = netloc[1:].partition("]")
-        if not bracket or (port_text and not port_text.startswith(":")):
+        if not bracket or port_text == ":" or port_text[:1] not in ("", ":"):
             raise table.fail(name, expected)
         try:
             ipaddress.IPv6Address(host)
@@ -583,9 +588,12 @@ def _check_redis_url(table: _Table, name: str, url: str) -> None:
         raise table.fail(name, expected + " without spaces")
     try:
         parts = urlsplit(url)
+    except ValueError:
+        raise table.fail(name, expected + "; the host does not parse") from None
+    try:
         port = parts.port
     except ValueError:
-        raise table.fail(name, expected + "; the host or port does not parse") from None
+        raise table.fail(name, "expected a port from 1 to 65535") from None
     if parts.scheme == "unix":
         if not parts.path:
             raise table.fail(name, expected + "; the socket path is missing")
@@ -678,9 +686,9 @@ def _check_tls(table: _Table, cert: str, key: str) -> None:
         context.load_cert_chain(cert, key, password=no_pass_phrase)
     except ssl.SSLError as exc:
         problem = "an unencrypted key" if encrypted else "a PEM certificate and key"
+        reason = exc.reason or exc
         raise table.fail(
-            "tls_cert",
-            f"expected {problem} in {cert!r} and {key!r} ({exc.reason or exc})",
+            "tls_cert", f"expected {problem} in {cert!r} and {key!r} ({reason})"
         ) from None
 
 
@@ -798,11 +806,6 @@ def _read_config(root: _Table) -> Config:
 
 def _env_overrides(environ: Mapping[str, str], overrides: Overrides) -> Overrides:
     """Fill flags the command line left unset from STICKYPROXY_* variables."""
-
-    def split(name: str) -> tuple[str, ...]:
-        value = environ.get(ENV_PREFIX + name, "")
-        return tuple(part.strip() for part in value.split(",") if part.strip())
-
     workers_text = environ.get(ENV_PREFIX + "WORKERS")
     workers = overrides.workers
     if workers is None and workers_text is not None:
@@ -818,8 +821,8 @@ def _env_overrides(environ: Mapping[str, str], overrides: Overrides) -> Override
             )
         workers = int(workers_text)
     return Overrides(
-        listen=overrides.listen or split("LISTEN"),
-        upstreams=overrides.upstreams or split("UPSTREAMS"),
+        listen=overrides.listen or _env_list(environ, "LISTEN"),
+        upstreams=overrides.upstreams or _env_list(environ, "UPSTREAMS"),
         policy=overrides.policy or environ.get(ENV_PREFIX + "POLICY"),
         workers=workers,
         admin=overrides.admin
@@ -827,14 +830,21 @@ def _env_overrides(environ: Mapping[str, str], overrides: Overrides) -> Override
         else environ.get(ENV_PREFIX + "ADMIN"),
         access_log=overrides.access_log or environ.get(ENV_PREFIX + "ACCESS_LOG"),
         log_level=overrides.log_level or environ.get(ENV_PREFIX + "LOG_LEVEL"),
-        trusted_proxies=overrides.trusted_proxies or split("TRUSTED_PROXIES"),
+        trusted_proxies=overrides.trusted_proxies
+        or _env_list(environ, "TRUSTED_PROXIES"),
     )
 
 
-def upstreams_from_environment(environ: Mapping[str, str] | None = None) -> bool:
-    """Return whether STICKYPROXY_UPSTREAMS names upstreams, as --upstream would."""
-    environ = os.environ if environ is None else environ
-    return bool(_env_overrides(environ, Overrides()).upstreams)
+def environment_upstreams(
+    environ: Mapping[str, str] | None = None,
+) -> tuple[str, ...]:
+    """Return the upstream URLs STICKYPROXY_UPSTREAMS names, as --upstream would."""
+    return _env_list(os.environ if environ is None else environ, "UPSTREAMS")
+
+
+def _env_list(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
+    value = environ.get(ENV_PREFIX + name, "")
+    return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 def _apply_overrides(config: Config, overrides: Overrides, source: str) -> Config:
@@ -945,6 +955,11 @@ def _check_writable(source: str, key: str, path: str) -> None:
     target = Path(path)
     if target.is_dir():
         raise ConfigError(source, key, f"expected a file, got the directory {path!r}")
+    if target.exists() and not target.is_file():
+        # a pipe or a terminal (/dev/stdout): opening it could wait for a reader
+        if not os.access(target, os.W_OK):
+            raise ConfigError(source, key, f"cannot write to {path!r}")
+        return
     if target.exists():
         try:
             # appending to an existing file changes nothing until a line is written
