@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,13 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from stickyproxy import __version__
-from stickyproxy.config import Config, Overrides, describe, load_config
+from stickyproxy.config import (
+    Config,
+    Overrides,
+    describe,
+    environment_upstreams,
+    load_config,
+)
 from stickyproxy.errors import ConfigError
 from stickyproxy.log import setup_logging
 
@@ -71,11 +78,12 @@ def _overrides(args: argparse.Namespace) -> Overrides:
 def _load(args: argparse.Namespace) -> tuple[Config, Overrides]:
     overrides = _overrides(args)
     path = args.config
-    if path is None and not overrides.upstreams:
+    if path is None and not overrides.upstreams and not environment_upstreams():
         raise ConfigError(
             "<flags>",
             "",
-            "give a configuration file (-c FILE) or at least one --upstream URL",
+            "give a configuration file (-c FILE), at least one --upstream URL "
+            "or STICKYPROXY_UPSTREAMS",
         )
     return load_config(path, overrides), overrides
 
@@ -129,9 +137,33 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging(config.log.level)
     if config.workers > 1 and args.worker_index is None:
         return _supervise(config, sys.argv[1:] if args is not None else [])
-    return run_worker(
-        config, args.config, overrides, args.worker_index or 0, args.control_dir
-    )
+    try:
+        return run_worker(
+            config, args.config, overrides, args.worker_index or 0, args.control_dir
+        )
+    except OSError as exc:
+        # the configuration was checked, but files can change before they are used
+        print(
+            f"stickyproxy: cannot run: {_describe_os_error(config, exc)}",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _describe_os_error(config: Config, exc: OSError) -> str:
+    """Say in one line which file or listener an error at start concerns."""
+    tls = [listener for listener in config.listeners if listener.tls]
+    if isinstance(exc, ssl.SSLError) and tls:
+        listeners = ", ".join(
+            f"{listener.address} ({listener.tls_cert}, {listener.tls_key})"
+            for listener in tls
+        )
+        # an SSLError made outside OpenSSL has no reason
+        reason = getattr(exc, "reason", None) or exc
+        return f"TLS listener {listeners}: {reason}"
+    if exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
 
 
 def run_worker(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -12,10 +13,13 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
+from stickyproxy.cli import main
 from tests.proxy_support import aiohttp_upstream
 from tests.support import free_port, repo_root, wait_for_port
+from tests.test_config import make_certificate, needs_openssl
 
 STICKYPROXY = [sys.executable, "-m", "stickyproxy"]
 
@@ -277,7 +281,7 @@ async def test_workers_share_a_generated_cookie_secret(tmp_path: Path) -> None:
     path = tmp_path / "cookie.toml"
     async with two_upstreams() as (a, b):
         path.write_text(
-            '[server]\nworkers = 2\nexplain_headers = true\n'
+            "[server]\nworkers = 2\nexplain_headers = true\n"
             f'[[listeners]]\naddress = "127.0.0.1:{port}"\n'
             '[admin]\naddress = ""\n[log]\naccess = "off"\n'
             f'[groups.app]\npolicy = "cookie"\n[[groups.app.servers]]\nurl = "{a}"\n'
@@ -317,3 +321,168 @@ async def test_workers_share_a_generated_cookie_secret(tmp_path: Path) -> None:
             process.send_signal(signal.SIGTERM)
             _, stderr = process.communicate(timeout=20)
     assert "workers share a generated one" in stderr
+
+
+# configuration errors: one line on stderr, exit 2, never a traceback
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """Return the single line a refused configuration prints; check the exit."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("command", "text", "expected"),
+    [
+        ("check", b"# \xff\n@LISTENER@@GROUP@", "is not valid UTF-8"),
+        (
+            "check",
+            b"@LISTENER@[groups.app]\n[[groups.app.servers]]\nurl = 'http://[::1'\n",
+            "groups.app.servers[0].url: expected http://host:port",
+        ),
+        (
+            "check",
+            b"[timeouts]\nclient_header = nan\n@LISTENER@@GROUP@",
+            "timeouts.client_header: expected a finite number",
+        ),
+        (
+            "check",
+            b"[server]\nworkers = 100000\n@LISTENER@@GROUP@",
+            "server.workers: expected an integer <=",
+        ),
+        (
+            "run",
+            b"@LISTENER@[groups.app]\npolicy = 'learn'\n[groups.app.learn]\n"
+            b"redis_url = 'redis://127.0.0.1:99999'\n"
+            b"[[groups.app.servers]]\nurl = 'http://h'\n",
+            "groups.app.learn.redis_url: expected a port from 1 to 65535",
+        ),
+        (
+            "run",
+            b"[log]\naccess_path = '/nonexistent/a.log'\n@LISTENER@@GROUP@",
+            "log.access_path: expected an existing folder",
+        ),
+        (
+            "run",
+            b"@LISTENER@tls_cert = '/nonexistent.pem'\ntls_key = '/nonexistent.key'\n"
+            b"@GROUP@",
+            "listeners[0].tls_cert: cannot read '/nonexistent.pem'",
+        ),
+    ],
+)
+def test_a_refused_configuration_is_one_line_and_exit_2(
+    tmp_path: Path, command: str, text: bytes, expected: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    # the admin listener stays off, in case a run were wrongly accepted
+    listener = (
+        f'[admin]\naddress = ""\n[[listeners]]\naddress = "127.0.0.1:{free_port()}"\n'
+    )
+    group = "[groups.app]\n[[groups.app.servers]]\nurl = 'http://h'\n"
+    path.write_bytes(
+        text.replace(b"@LISTENER@", listener.encode()).replace(
+            b"@GROUP@", group.encode()
+        )
+    )
+    line = one_line_error(run_cli(command, "-c", str(path)))
+    assert line.startswith(f"stickyproxy: {path}: ")
+    assert expected in line, line
+
+
+def test_upstreams_from_the_environment_need_no_file() -> None:
+    result = subprocess.run(
+        [*STICKYPROXY, "check", "--listen", "127.0.0.1:8080"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=repo_root(),
+        env={**os.environ, "STICKYPROXY_UPSTREAMS": "http://127.0.0.1:3000"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert 'url = "http://127.0.0.1:3000"' in result.stdout
+
+
+def test_listener_and_admin_may_both_take_any_free_port(tmp_path: Path) -> None:
+    path = tmp_path / "any.toml"
+    path.write_text(
+        '[[listeners]]\naddress = "127.0.0.1:0"\n[admin]\naddress = "127.0.0.1:0"\n'
+        "[groups.app]\n[[groups.app.servers]]\nurl = 'http://h'\n"
+    )
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+
+
+@needs_openssl
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (
+            ssl.SSLError(9, "[SSL] PEM lib"),
+            "stickyproxy: cannot run: TLS listener 127.0.0.1:8443 ({cert}, {key}):",
+        ),
+        (
+            PermissionError(13, "Permission denied", "/var/log/a.log"),
+            "stickyproxy: cannot run: /var/log/a.log: Permission denied",
+        ),
+    ],
+)
+def test_an_error_as_the_worker_starts_is_one_line_and_exit_2(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    error: OSError,
+    expected: str,
+) -> None:
+    # files checked at load can still change before the worker opens them
+    def failing(*args: object) -> int:
+        raise error
+
+    monkeypatch.setattr("stickyproxy.cli.run_worker", failing)
+    monkeypatch.setattr("stickyproxy.cli.setup_logging", lambda level: None)
+    cert, key = make_certificate(tmp_path)
+    path = tmp_path / "tls.toml"
+    path.write_text(
+        '[[listeners]]\naddress = "127.0.0.1:8443"\n'
+        f'tls_cert = "{cert}"\ntls_key = "{key}"\n[admin]\naddress = ""\n'
+        "[groups.app]\n[[groups.app.servers]]\nurl = 'http://h'\n"
+    )
+    assert main(["run", "-c", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(expected.format(cert=cert, key=key)), lines
+
+
+async def test_sighup_with_a_file_that_does_not_parse_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    path = tmp_path / "proxy.toml"
+    async with two_upstreams() as (a, _):
+        good = (
+            f'[[listeners]]\naddress = "127.0.0.1:{port}"\n[admin]\naddress = ""\n'
+            f'[groups.app]\n[[groups.app.servers]]\nurl = "{a}"\n'
+        )
+        path.write_text(good)
+        with proxy_process("-c", str(path)) as proc:
+            await wait_port(port)
+            async with aiohttp.ClientSession() as session:
+                for broken in (
+                    b"# \xff\n" + good.encode(),
+                    good.replace(a, "http://[::1").encode(),
+                ):
+                    path.write_bytes(broken)
+                    proc.send_signal(signal.SIGHUP)
+                    await asyncio.sleep(0.5)
+                    async with session.get(f"http://127.0.0.1:{port}/") as response:
+                        assert await response.text() == "A"
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    assert "Traceback" not in stderr and "never retrieved" not in stderr
+    refusals = [line for line in stderr.splitlines() if "reload refused" in line]
+    assert len(refusals) == 2
+    assert "UTF-8" in refusals[0] and "url" in refusals[1]
