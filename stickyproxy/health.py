@@ -21,11 +21,21 @@ log = logging.getLogger(HEALTH_LOGGER)
 ProbeListener = Callable[[Upstream, bool, bool], None]
 
 
+#: bytes a status line may take; a longer one is not a health answer
+STATUS_LINE_LIMIT = 8 * 1024
+
+
 async def probe(upstream: Upstream, config: HealthCheckConfig) -> bool:
-    """Send one GET to the health path; return whether the answer was as expected."""
+    """Send one GET to the health path; return whether the answer was as expected.
+
+    Anything but a complete, well-formed status line with an expected status counts
+    as a failure, never as an error.
+    """
     try:
         async with asyncio.timeout(config.timeout):
-            reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
+            reader, writer = await asyncio.open_connection(
+                upstream.host, upstream.port, limit=STATUS_LINE_LIMIT
+            )
             try:
                 writer.write(
                     f"GET {config.path} HTTP/1.1\r\nHost: {upstream.authority}\r\n"
@@ -35,10 +45,18 @@ async def probe(upstream: Upstream, config: HealthCheckConfig) -> bool:
                 status_line = await reader.readline()
             finally:
                 writer.close()
-    except (OSError, TimeoutError):
+    # readline raises ValueError on a line beyond the limit
+    except (OSError, TimeoutError, ValueError, EOFError):
+        return False
+    if not status_line.endswith(b"\n"):
         return False
     parts = status_line.split(None, 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+    if (
+        len(parts) < 2
+        or parts[0] not in (b"HTTP/1.0", b"HTTP/1.1")
+        or len(parts[1]) != 3
+        or not parts[1].isdigit()
+    ):
         return False
     return int(parts[1]) in config.expect_status
 
@@ -69,18 +87,38 @@ class HealthChecker:
             await asyncio.wait({task})
 
     async def _run(self) -> None:
+        # a bug in one round must not end active checks for the whole group
+        failing = False
         while True:
-            await self.check_once()
+            try:
+                await self.check_once()
+            except Exception:
+                if not failing:
+                    log.exception("health checks of %s failed", self.pool.name)
+                failing = True
+            else:
+                failing = False
             await asyncio.sleep(self.config.interval)
 
     async def check_once(self) -> None:
         """Probe every upstream once, concurrently, and apply rise and fall."""
         upstreams = [u for u in self.pool if u.admin_state != "down"]
-        results = await asyncio.gather(*(probe(u, self.config) for u in upstreams))
-        for upstream, ok in zip(upstreams, results, strict=True):
+        results = await asyncio.gather(
+            *(probe(u, self.config) for u in upstreams), return_exceptions=True
+        )
+        errors = []
+        for upstream, result in zip(upstreams, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, Exception):
+                    raise result
+                errors.append(result)
+            # a probe that broke says nothing good about the upstream
+            ok = result is True
             changed = self._apply(upstream, ok)
             if self.listener is not None:
                 self.listener(upstream, ok, changed)
+        if errors:
+            raise errors[0]
 
     def _apply(self, upstream: Upstream, ok: bool) -> bool:
         # a positive streak counts successes, a negative one failures
