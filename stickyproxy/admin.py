@@ -112,7 +112,12 @@ class WorkerControl:
 
     async def reload(self) -> bool:
         """Reload the configuration file; return whether it was accepted."""
-        return await self.server.reload()
+        try:
+            return await self.server.reload()
+        except Exception:
+            # a configuration that passed the checks but cannot be built is a bug
+            log.exception("reload failed, keeping the running configuration")
+            return False
 
     async def handle(self, request: web.Request) -> web.Response:
         """Serve a sibling's relayed call on the control socket."""
@@ -216,7 +221,7 @@ class AdminServer:
         if self.control.index != 0 or address is None:
             return
 
-        app = web.Application(middlewares=[self._errors, self._auth])
+        app = web.Application(middlewares=[self._errors, self._same_site, self._auth])
         app.router.add_get("/", self._page)
         app.router.add_static("/static/", STATIC_DIR)
         app.router.add_get("/metrics", self._metrics)
@@ -328,6 +333,53 @@ class AdminServer:
             return web.json_response(
                 {"error": exc.reason.lower()}, status=exc.status, headers=allow
             )
+        except Exception:
+            if not request.path.startswith("/api/"):
+                raise
+            log.exception("admin API failed on %s %s", request.method, request.path)
+            return web.json_response(
+                {"error": "internal error (see the log)"}, status=500
+            )
+
+    @web.middleware
+    async def _same_site(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        """Refuse what a web page on another site could make a browser send."""
+        host = request.headers.get("Host")
+        # a rebound DNS name reaches loopback, but the browser still sends that name
+        if self.loopback and host is not None and not self._local_host(host):
+            raise AdminError(403, "expected the Host of the admin listener")
+        origin = request.headers.get("Origin")
+        if origin is not None and (
+            host is None or _origin_authority(origin) != _authority(host)
+        ):
+            raise AdminError(403, "expected a request from the admin listener's page")
+        # a form or a text/plain fetch from another site needs no preflight; JSON does
+        routed = request.match_info.http_exception is None
+        if (
+            routed
+            and request.method not in ("GET", "HEAD", "OPTIONS")
+            and request.content_type != "application/json"
+        ):
+            raise AdminError(415, "expected Content-Type: application/json")
+        return await handler(request)
+
+    def _local_host(self, host: str) -> bool:
+        """Return whether a Host header names this listener by a loopback name."""
+        authority = _authority(host)
+        if authority is None or authority[1] != self.port:
+            return False
+        name = authority[0]
+        address = self.server.config.admin.address
+        if name == "localhost" or (
+            address is not None and name == address.host.lower()
+        ):
+            return True
+        try:
+            return ipaddress.ip_address(name).is_loopback
+        except ValueError:
+            return False
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -446,11 +498,47 @@ class AdminServer:
 async def _json_object(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
+    except LookupError:
+        raise AdminError(400, "expected a known charset in Content-Type") from None
+    except RecursionError:
+        raise AdminError(400, "expected a JSON object nested less deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise AdminError(400, "expected a JSON object") from None
+    except ValueError:
+        # the only other refusal of json: an integer of thousands of digits
+        raise AdminError(400, "expected a JSON object with shorter numbers") from None
     if not isinstance(body, dict):
         raise AdminError(400, "expected a JSON object")
     return body
+
+
+def _authority(host: str) -> tuple[str, int] | None:
+    """Split a Host header into a lower-case name and a port (80 when absent)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, bracket, rest = host[1:].partition("]")
+        if not bracket:
+            return None
+    else:
+        name, colon, port = host.partition(":")
+        rest = colon + port
+    if not rest:
+        return name, 80
+    port = rest.removeprefix(":")
+    if not rest.startswith(":") or not (port.isascii() and port.isdigit()):
+        return None
+    return name, int(port)
+
+
+def _origin_authority(origin: str) -> tuple[str, int] | None:
+    """Return the name and port of an Origin header; None for "null" or junk.
+
+    The scheme is left out: a TLS terminator in front may turn https into http.
+    """
+    scheme, separator, host = origin.strip().lower().partition("://")
+    if not separator or scheme not in ("http", "https"):
+        return None
+    return _authority(host)
 
 
 def _is_loopback(host: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -42,9 +43,16 @@ async def call(
     body: Any = None,
     token: str | None = None,
     raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """POST (with a body) or GET an admin endpoint; return status and JSON."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    """POST (with a body) or GET an admin endpoint; return status and JSON.
+
+    A raw body is sent as application/json unless headers say otherwise.
+    """
+    sent = {"Authorization": f"Bearer {token}"} if token else {}
+    if raw is not None:
+        sent["Content-Type"] = "application/json"
+    headers = {**sent, **(headers or {})}
     url = f"http://127.0.0.1:{port}{path}"
     if body is None and raw is None:
         context = client.get(url, headers=headers)
@@ -269,6 +277,161 @@ async def test_off_loopback_every_read_needs_the_token_but_the_page(
         async with client.get(f"http://127.0.0.1:{s.admin_port}/") as response:
             assert response.status == 200
             assert "stickyproxy" in await response.text()
+
+
+# what a web page on another site could make the operator's browser send
+
+
+async def test_a_rebound_host_name_is_refused_on_loopback(
+    tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    async with stack(tmp_path, count=1) as s:
+        port = s.admin_port
+        path = upstream_path(s, 0, "state")
+        for host in (f"attacker.example:{port}", "127.0.0.1:1", "localhost"):
+            status, answer = await call(
+                client, port, "/api/groups", headers={"Host": host}
+            )
+            assert (status, answer) == (
+                403,
+                {"error": "expected the Host of the admin listener"},
+            )
+            status, _ = await call(
+                client, port, path, {"state": "down"}, headers={"Host": host}
+            )
+            assert status == 403
+        assert s.server.state.groups["app"].pool.upstreams[0].state == "up"
+
+        for host in (f"127.0.0.1:{port}", f"LOCALHOST:{port}", f"[::1]:{port}"):
+            status, _ = await call(client, port, "/api/groups", headers={"Host": host})
+            assert status == 200, host
+
+
+async def test_a_foreign_origin_cannot_change_an_upstream(
+    tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    async with stack(tmp_path, count=1) as s:
+        path = upstream_path(s, 0, "state")
+        for origin in ("http://attacker.example", "null", "http://127.0.0.1:1"):
+            status, answer = await call(
+                client,
+                s.admin_port,
+                path,
+                {"state": "down"},
+                headers={"Origin": origin},
+            )
+            assert status == 403, origin
+            assert "admin listener" in answer["error"]
+        assert s.server.state.groups["app"].pool.upstreams[0].state == "up"
+
+        # the status page's own origin is welcome
+        origin = f"http://127.0.0.1:{s.admin_port}"
+        status, _ = await call(
+            client, s.admin_port, path, {"state": "drain"}, headers={"Origin": origin}
+        )
+        assert status == 200
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain;charset=UTF-8", "application/x-www-form-urlencoded", None],
+)
+async def test_a_change_needs_a_json_content_type(
+    tmp_path: Path, client: aiohttp.ClientSession, content_type: str | None
+) -> None:
+    async with stack(tmp_path, count=1) as s:
+        headers = {} if content_type is None else {"Content-Type": content_type}
+        url = f"http://127.0.0.1:{s.admin_port}{upstream_path(s, 0, 'state')}"
+        async with client.post(
+            url, data=b'{"state": "down"}', headers=headers
+        ) as response:
+            assert response.status == 415
+            assert await response.json() == {
+                "error": "expected Content-Type: application/json"
+            }
+        assert s.server.state.groups["app"].pool.upstreams[0].state == "up"
+
+
+async def test_a_post_to_no_route_still_says_which_route_is_wrong(
+    tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    async with stack(tmp_path, count=1) as s:
+        headers = {"Content-Type": "text/plain"}
+        for path, status in (("/api/groups", 405), ("/api/nothing", 404)):
+            url = f"http://127.0.0.1:{s.admin_port}{path}"
+            async with client.post(url, data=b"{}", headers=headers) as response:
+                assert response.status == status
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "reason"),
+    [
+        (b'{"state": "up"}', "application/json; charset=bogus", "known charset"),
+        (b'{"weight": ' + b"9" * 5000 + b"}", "application/json", "shorter numbers"),
+        (b"[" * 100_000 + b"]" * 100_000, "application/json", "less deeply"),
+    ],
+)
+async def test_an_unreadable_body_gets_a_400_in_json(
+    tmp_path: Path,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    body: bytes,
+    content_type: str,
+    reason: str,
+) -> None:
+    async with stack(tmp_path, count=1) as s:
+        status, answer = await call(
+            client,
+            s.admin_port,
+            upstream_path(s, 0, "weight"),
+            raw=body,
+            headers={"Content-Type": content_type},
+        )
+        assert status == 400
+        assert reason in answer["error"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        b"# \xff\n",
+        b'[groups.app]\n[[groups.app.servers]]\nurl = "http://[::1"\n',
+        b"[groups.app]\npolicy = 'learn'\n[groups.app.learn]\n"
+        b"redis_url = 'redis://127.0.0.1:99999'\n"
+        b'[[groups.app.servers]]\nurl = "http://127.0.0.1:1"\n',
+    ],
+)
+async def test_a_reload_of_a_broken_file_answers_422_and_keeps_serving(
+    tmp_path: Path, client: aiohttp.ClientSession, broken: bytes
+) -> None:
+    async with stack(tmp_path, count=1) as s:
+        assert s.server.config_path is not None
+        Path(s.server.config_path).write_bytes(
+            b'[[listeners]]\naddress = "127.0.0.1:0"\n' + broken
+        )
+        status, answer = await call(client, s.admin_port, "/api/reload", {})
+        assert status == 422
+        assert "refused" in answer["error"]
+        assert (await request(s.port, "/")).status == 200
+
+
+async def test_a_reload_that_cannot_be_built_answers_422(
+    tmp_path: Path,
+    client: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("cannot build")
+
+    async with stack(tmp_path, count=1) as s:
+        monkeypatch.setattr("stickyproxy.server.build_state", broken)
+        status, answer = await call(client, s.admin_port, "/api/reload", {})
+        assert status == 422
+        assert "refused" in answer["error"]
+        assert (await request(s.port, "/")).status == 200
+    assert "reload failed" in caplog.text
 
 
 # two workers in their own processes
