@@ -1020,11 +1020,13 @@ def environment(note: str) -> dict[str, Any]:
     """Return what the numbers depend on: machine, versions and the code measured."""
     source = Path(stickyproxy.__file__).parent
 
-    def output(argv: list[str]) -> str:
+    def output(argv: list[str], succeeds: bool = True) -> str | None:
+        # wrk -v prints its version and then fails for want of a URL
         done = subprocess.run(
             argv, capture_output=True, text=True, check=False, cwd=source
         )
-        return ((done.stdout + done.stderr).strip().splitlines() or [""])[0]
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        return lines[0] if lines and (done.returncode == 0 or not succeeds) else None
 
     model = ""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -1039,8 +1041,9 @@ def environment(note: str) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "nginx": output(["nginx", "-v"]),
         "haproxy": output(["haproxy", "-v"]),
-        "wrk": output(["wrk", "-v"]),
+        "wrk": output(["wrk", "-v"], succeeds=False),
         "stickyproxy_source": str(source),
+        # None for an exported copy, which has no history: say which in --note
         "stickyproxy_commit": output(["git", "describe", "--always", "--dirty"]),
         "note": note,
     }
