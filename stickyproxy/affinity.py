@@ -165,6 +165,8 @@ class CookieSigner:
     def __init__(self, secret: str, verify_secrets: Sequence[str] = ()) -> None:
         self.kid = key_id(secret)
         self._keys = {key_id(s): s.encode() for s in (*verify_secrets, secret) if s}
+        #: older keys still verify, so pins signed with them get re-signed
+        self.rotating = len(self._keys) > 1
         self._id_keys = {
             kid: hmac.new(
                 key, b"stickyproxy cookie upstream id", hashlib.sha256
@@ -329,6 +331,9 @@ class CookieAffinity(_Sticky):
     ) -> Sequence[bytes]:
         upstream = selection.upstream
         if selection.reason == "pinned":
+            # without lifetimes or old keys a valid pin never needs a new cookie
+            if not (self._refresh_after or self.signer.rotating):
+                return ()
             if not self._needs_refresh(request):
                 return ()
         else:

@@ -182,6 +182,10 @@ def run_worker(
         return runner.run(serve(config, config_path, overrides, index, control_dir))
 
 
+#: a worker exiting with status 2 this soon after its start has a setup error
+STARTUP_SECONDS = 5.0
+
+
 def _supervise(config: Config, argv: list[str]) -> int:
     """Start the workers, restart one that dies, pass signals on, stop them all.
 
@@ -191,7 +195,10 @@ def _supervise(config: Config, argv: list[str]) -> int:
     from prometheus_client.multiprocess import mark_process_dead
 
     from stickyproxy.metrics import METRICS_SUBDIR
+    from stickyproxy.server import check_listeners_free
 
+    # the workers bind with SO_REUSEPORT, which would share a port already in use
+    check_listeners_free(config)
     control_dir = tempfile.mkdtemp(prefix="stickyproxy-")
     metrics_dir = os.path.join(control_dir, METRICS_SUBDIR)
     os.mkdir(metrics_dir)
@@ -213,9 +220,12 @@ def _supervise(config: Config, argv: list[str]) -> int:
         )
     command = [sys.executable, "-m", "stickyproxy", *argv, "--control-dir", control_dir]
     workers: dict[int, subprocess.Popen[bytes]] = {}
+    started: dict[int, float] = {}
     stopping = False
+    status = 0
 
     def spawn(index: int) -> None:
+        started[index] = time.monotonic()
         workers[index] = subprocess.Popen(
             [*command, "--worker-index", str(index)], env=environ
         )
@@ -238,6 +248,11 @@ def _supervise(config: Config, argv: list[str]) -> int:
         for index, process in list(workers.items()):
             if process.poll() is not None and not stopping:
                 code = process.returncode
+                if code == 2 and time.monotonic() - started[index] < STARTUP_SECONDS:
+                    # a worker that cannot start (it said why) would fail again
+                    stopping, status = True, 2
+                    forward(signal.SIGTERM, None)
+                    break
                 print(
                     f"stickyproxy: worker {index} exited ({code}); restarting",
                     file=sys.stderr,
@@ -254,7 +269,7 @@ def _supervise(config: Config, argv: list[str]) -> int:
             process.kill()
             process.wait()
     shutil.rmtree(control_dir, ignore_errors=True)
-    return 0
+    return status
 
 
 def _add_tool_commands(

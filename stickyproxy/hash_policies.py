@@ -14,6 +14,9 @@ from stickyproxy import hashing
 from stickyproxy.selection import NO_EXCLUSIONS, Policy, RequestView, RoundRobin
 from stickyproxy.upstreams import Pool, Selection, Upstream
 
+#: client addresses whose ip_hash key is remembered; the cache starts over when full
+KEY_CACHE_SIZE = 65536
+
 KeyTable = hashing.IpHashTable | hashing.KeyHashTable | hashing.KetamaRing
 Table = KeyTable | hashing.RendezvousTable
 
@@ -80,6 +83,8 @@ class IpHash(_Hashed):
         super().__init__(pool)
         self.mode = ip_key_mode(pool.config.ip_hash.key)
         self.table: hashing.IpHashTable | None = None
+        #: client address -> key: clients repeat, and parsing an address is not free
+        self._keys: dict[str, bytes] = {}
 
     def _rebuild(self) -> None:
         self.table = hashing.IpHashTable(self.pool.primaries)
@@ -89,10 +94,16 @@ class IpHash(_Hashed):
     ) -> Selection | None:
         self._refresh()
         assert self.table is not None
-        try:
-            key = hashing.ip_hash_key(request.client_ip, self.mode)
-        except ValueError:
-            key = hashing.UNIX_SOCKET_KEY
+        client = request.client_ip
+        key = self._keys.get(client)
+        if key is None:
+            try:
+                key = hashing.ip_hash_key(client, self.mode)
+            except ValueError:
+                key = hashing.UNIX_SOCKET_KEY
+            if len(self._keys) >= KEY_CACHE_SIZE:
+                self._keys.clear()
+            self._keys[client] = key
         position = self.table.select(key, self._tried(exclude))
         return self._pick(position, request, exclude)
 

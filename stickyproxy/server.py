@@ -172,6 +172,16 @@ class ProxyServer:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self._notify_reload(False)
             return False
+        try:
+            return await self._apply(config)
+        except Exception:
+            # a configuration that loads but cannot be built is a bug to see
+            log.exception("reload failed, keeping the running configuration")
+            self._notify_reload(False)
+            return False
+
+    async def _apply(self, config: Config) -> bool:
+        """Swap in the state built from a new configuration."""
         if config.listeners != self.config.listeners:
             log.warning("reload: listener changes take effect only after a restart")
         old_state = self.state

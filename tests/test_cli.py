@@ -486,3 +486,17 @@ async def test_sighup_with_a_file_that_does_not_parse_keeps_serving(
     refusals = [line for line in stderr.splitlines() if "reload refused" in line]
     assert len(refusals) == 2
     assert "UTF-8" in refusals[0] and "url" in refusals[1]
+
+
+async def test_a_second_family_of_workers_cannot_share_a_busy_port() -> None:
+    port = free_port()
+    async with two_upstreams() as (a, _):
+        args = ("--listen", f"127.0.0.1:{port}", "--upstream", a, "--admin", "")
+        with proxy_process(*args, "--workers", "2") as first:
+            await wait_port(port)
+            second = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: run_cli("run", *args, "--workers", "2")
+            )
+            assert first.poll() is None
+    assert second.returncode == 2
+    assert "cannot listen on" in second.stderr and "Traceback" not in second.stderr
