@@ -10,8 +10,10 @@ their fallback.
 from __future__ import annotations
 
 import random
+from bisect import bisect_right
 from collections.abc import Callable, Collection, Iterable, Sequence
 from http.cookies import SimpleCookie
+from itertools import accumulate
 from typing import ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -275,19 +277,47 @@ class LeastConn(Policy):
 
 
 class RandomTwo(Policy):
-    """Two random choices (weighted): the one with fewer requests in flight wins."""
+    """Two random choices (weighted): the one with fewer requests in flight wins.
+
+    Draws use cumulative weights computed once per pool version, so a decision costs
+    the same for 4 upstreams or 1,000; only when most upstreams are out does it fall
+    back to scanning the available ones.
+    """
 
     name = "random"
+
+    def __init__(self, pool: Pool) -> None:
+        super().__init__(pool)
+        self._version = -1
+        self._upstreams: tuple[Upstream, ...] = ()
+        self._cumulative: list[int] = []
+
+    def _draw(self, exclude: Collection[Upstream]) -> Upstream | None:
+        cumulative = self._cumulative
+        for _ in range(4):
+            point = random.randrange(cumulative[-1])
+            upstream = self._upstreams[bisect_right(cumulative, point)]
+            if upstream.available and upstream not in exclude:
+                return upstream
+        return None
 
     def select(
         self, request: RequestView, exclude: Collection[Upstream] = NO_EXCLUSIONS
     ) -> Selection | None:
-        candidates = self.candidates(exclude)
-        if not candidates:
-            return None
-        if len(candidates) == 1:
-            return Selection(candidates[0], "new")
-        first, second = random.choices(candidates, [u.weight for u in candidates], k=2)
+        if self._version != self.pool.version:
+            self._version = self.pool.version
+            self._upstreams = self.pool.primaries
+            self._cumulative = list(accumulate(u.weight for u in self._upstreams))
+        first = self._draw(exclude) if self._cumulative else None
+        second = self._draw(exclude) if first is not None else None
+        if first is None or second is None:
+            candidates = self.candidates(exclude)
+            if not candidates:
+                return None
+            if len(candidates) == 1:
+                return Selection(candidates[0], "new")
+            weights = [u.weight for u in candidates]
+            first, second = random.choices(candidates, weights, k=2)
         if first.active * second.weight <= second.active * first.weight:
             return Selection(first, "new")
         return Selection(second, "new")

@@ -147,3 +147,13 @@ def test_hash_reads_its_key_from_a_header() -> None:
     policy = Hash(pool)
     picks = {policy.select(request(client=f"10.0.0.{i}")).upstream for i in range(20)}  # type: ignore[union-attr]
     assert len(picks) == 1  # same header, same upstream, whatever the client
+
+
+def test_random_two_honours_weights() -> None:
+    pool = make_pool(1, 3)
+    policy = RandomTwo(pool)
+    picks = Counter(policy.select(request()).upstream.index for _ in range(4000))  # type: ignore[union-attr]
+    # idle upstreams tie, so the first draw wins: weighted 1 to 3
+    assert 0.68 < picks[1] / 4000 < 0.82
+    pool.upstreams[1].set_admin_state("down")
+    assert {policy.select(request()).upstream.index for _ in range(20)} == {0}  # type: ignore[union-attr]
