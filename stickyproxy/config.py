@@ -169,7 +169,8 @@ class LearnConfig:
     cookies: tuple[str, ...] = ("connect.sid", "JSESSIONID", "sessionid", "PHPSESSID")
     #: share the session table through Redis; empty keeps it in memory
     redis_url: str = ""
-    #: sessions the in-memory table holds at most (least recently used leave first)
+    #: sessions learned from upstreams the table holds at most (least recently used
+    #: leave first); sessions only seen in requests get a quarter of that apart
     max_entries: int = 100_000
     #: seconds a session may go unused before it is forgotten
     idle_timeout: float = 3600.0
