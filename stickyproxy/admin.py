@@ -25,6 +25,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from stickyproxy.config import is_loopback
 from stickyproxy.errors import ConfigError
 from stickyproxy.log import ADMIN_LOGGER
 from stickyproxy.metrics import WorkerSnapshot, merge
@@ -247,7 +248,7 @@ class AdminServer:
                 f"cannot listen on {address}: {exc.strerror}",
             ) from exc
         self.port = runner.addresses[0][1]
-        self.loopback = _is_loopback(address.host)
+        self.loopback = is_loopback(address.host)
         self.server.reload_listeners.append(self._reloaded)
         log.info("admin listening on %s", address)
 
@@ -539,12 +540,3 @@ def _origin_authority(origin: str) -> tuple[str, int] | None:
     if not separator or scheme not in ("http", "https"):
         return None
     return _authority(host)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

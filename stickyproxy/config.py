@@ -932,7 +932,7 @@ def _check(config: Config) -> Config:
         only = next(iter(config.groups))
         config = replace(config, routes=(RouteConfig(group=only),))
     admin = config.admin.address
-    if admin is not None and not config.admin.token and not _is_loopback(admin.host):
+    if admin is not None and not config.admin.token and not is_loopback(admin.host):
         raise ConfigError(
             source,
             "admin.token",
@@ -978,7 +978,8 @@ def _check_writable(source: str, key: str, path: str) -> None:
         raise ConfigError(source, key, f"cannot create {path!r} (permission denied)")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Return whether host is localhost or a loopback address."""
     if host == "localhost":
         return True
     try:

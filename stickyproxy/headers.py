@@ -113,15 +113,7 @@ def client_from_xff(values: Sequence[bytes], peer: str, trusted: TrustedProxies)
         for part in value.split(b",")
         if part.strip()
     ]
-    client = peer
-    for address in reversed(addresses):
-        address = _strip_port(address)
-        if not _is_ip(address):
-            break
-        client = address
-        if not trusted.contains(address):
-            break
-    return client
+    return _rightmost_untrusted(addresses, peer, trusted)
 
 
 def client_from_forwarded(
@@ -135,6 +127,13 @@ def client_from_forwarded(
                 name, _, param = pair.strip().partition("=")
                 if name.lower() == "for":
                     addresses.append(param.strip().strip('"'))
+    return _rightmost_untrusted(addresses, peer, trusted)
+
+
+def _rightmost_untrusted(
+    addresses: Sequence[str], peer: str, trusted: TrustedProxies
+) -> str:
+    """Walk a forwarding chain from the right past trusted proxies to the client."""
     client = peer
     for address in reversed(addresses):
         address = _strip_port(address)
