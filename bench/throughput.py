@@ -45,6 +45,7 @@ POLICIES = ("round_robin", "ip_hash", "cookie")
 COOKIE = "pin"
 SECRET = "bench-only-secret"
 RESULT = Path(__file__).parent / "results" / "throughput.json"
+QUICK_RESULT = RESULT.with_name("throughput-quick.json")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MIB = 1024
 
@@ -1109,11 +1110,18 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, Path]:
     parser.add_argument("--quick", action="store_true", help="3 s runs, 1 repetition")
     parser.add_argument("--no-pin", action="store_true", help="do not use taskset")
     parser.add_argument("--profile", type=Path, help="py-spy stickyproxy into DIR")
-    parser.add_argument("--output", type=Path, default=RESULT)
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help=f"where the JSON goes (default {RESULT}; with --quick, {QUICK_RESULT})",
+    )
     parser.add_argument("--note", default="", help="recorded with the result")
     args = parser.parse_args(argv)
 
     quick = args.quick
+    # a quick look must not replace the committed full run
+    if args.output is None:
+        args.output = QUICK_RESULT if quick else RESULT
     policies = tuple(_csv(args.policies))
     unknown = set(policies) - set(POLICIES)
     if unknown:

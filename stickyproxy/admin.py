@@ -245,7 +245,8 @@ class AdminServer:
             raise ConfigError(
                 self.server.config.source,
                 "admin.address",
-                f"cannot listen on {address}: {exc.strerror}",
+                f"cannot listen on {address}: {exc.strerror} (choose another with "
+                "--admin HOST:PORT, or turn it off with --admin '')",
             ) from exc
         self.port = runner.addresses[0][1]
         self.loopback = is_loopback(address.host)

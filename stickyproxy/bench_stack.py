@@ -61,6 +61,8 @@ class StackError(StickyProxyError):
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     """Tell whether nothing listens on host:port right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # connections of a previous run in TIME_WAIT do not make a port busy
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

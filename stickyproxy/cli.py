@@ -137,6 +137,8 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging(config.log.level)
     if config.workers > 1 and args.worker_index is None:
         return _supervise(config, sys.argv[1:] if args is not None else [])
+    if args.worker_index is not None:
+        _stop_with_supervisor()
     try:
         return run_worker(
             config, args.config, overrides, args.worker_index or 0, args.control_dir
@@ -164,6 +166,24 @@ def _describe_os_error(config: Config, exc: OSError) -> str:
     if exc.filename is not None:
         return f"{exc.filename}: {exc.strerror}"
     return str(exc)
+
+
+def _stop_with_supervisor() -> None:
+    """Ask Linux to send this worker SIGTERM when its supervisor dies.
+
+    A supervisor killed outright (the OOM killer, SIGKILL) cannot stop its workers,
+    and orphaned workers would keep serving on the shared port unsupervised.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    set_parent_death_signal = 1  # PR_SET_PDEATHSIG
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(set_parent_death_signal, signal.SIGTERM)
+    # the supervisor may have died before the request took effect
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_worker(

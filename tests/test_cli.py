@@ -500,3 +500,24 @@ async def test_a_second_family_of_workers_cannot_share_a_busy_port() -> None:
             assert first.poll() is None
     assert second.returncode == 2
     assert "cannot listen on" in second.stderr and "Traceback" not in second.stderr
+
+
+async def test_workers_stop_when_their_supervisor_is_killed() -> None:
+    port = free_port()
+    async with two_upstreams() as (a, _):
+        args = ("--listen", f"127.0.0.1:{port}", "--upstream", a, "--admin", "")
+        with proxy_process(*args, "--workers", "2") as supervisor:
+            await wait_port(port)
+            children = Path(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children")
+            for _ in range(50):
+                workers = children.read_text().split()
+                if len(workers) == 2:
+                    break
+                await asyncio.sleep(0.1)
+            supervisor.kill()  # no chance to stop its workers itself
+            for _ in range(100):
+                if not any(Path(f"/proc/{pid}").exists() for pid in workers):
+                    break
+                await asyncio.sleep(0.1)
+    assert len(workers) == 2
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
