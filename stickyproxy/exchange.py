@@ -101,7 +101,6 @@ class Exchange:
         "connection",
         "content_length",
         "early_tunnel_data",
-        "extra_headers",
         "group",
         "head",
         "head_bytes",
@@ -158,7 +157,6 @@ class Exchange:
         self.tried: list[Upstream] = []
         #: the failure that made the last retry necessary
         self.last_error: UpstreamError | None = None
-        self.extra_headers = b""
         self.early_tunnel_data = b""
         self.status = 0
         self.response_reason = b""
@@ -736,16 +734,12 @@ class Exchange:
             self.task = self.client.loop.create_task(self._reconnect(upstream))
             return
         kind = "timeout" if isinstance(error, UpstreamTimeout) else "reset"
-        if isinstance(error, UpstreamTimeout) or not safe or self.request_started_body:
+        if isinstance(error, UpstreamTimeout) or not safe:
             self._record_failure(upstream, kind)
             self._detach()
             self.fail(error)
             return
         self._retry_or_fail(upstream, error, kind)
-
-    @property
-    def request_started_body(self) -> bool:
-        return self.body_sent_bytes > 0
 
     async def _reconnect(self, upstream: Upstream) -> None:
         try:
