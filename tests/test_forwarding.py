@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from pathlib import Path
 
@@ -503,3 +504,31 @@ async def test_access_log_names_upstream_and_time(tmp_path: Path) -> None:
     assert record["status"] == 200
     assert record["upstream"] == url.removeprefix("http://")
     assert record["duration_ms"] >= 0
+
+
+async def test_encoded_bodies_pass_untouched(tmp_path: Path) -> None:
+    payload = gzip.compress(b"hello " * 1000)
+
+    async def encoded(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: RawUpstream
+    ) -> None:
+        up.requests.append(await read_head(reader))
+        up.requests.append(await reader.readexactly(len(payload)))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+        )
+        await writer.drain()
+
+    async with raw_upstream(encoded) as upstream:
+        async with running_proxy(proxy_config(tmp_path, [upstream.url])) as proxy:
+            request = (
+                b"POST / HTTP/1.1\r\nHost: h\r\nAccept-Encoding: gzip\r\n"
+                b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(payload)
+            ) + payload
+            status, headers, body = await exchange(proxy.ports[0], request)
+    assert status == "HTTP/1.1 200 OK"
+    assert ("content-encoding", "gzip") in headers
+    assert body == payload
+    assert upstream.requests[1] == payload
+    assert b"Accept-Encoding: gzip" in upstream.requests[0]
