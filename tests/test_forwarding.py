@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.proxy_support import (
@@ -390,7 +391,9 @@ async def test_stale_pooled_connection_is_retried_for_get_but_never_for_post(
             assert len(posts) == 1
 
 
-async def test_failures_map_to_502_503_504(tmp_path: Path) -> None:
+async def test_failures_map_to_502_503_504(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
     other = f"http://127.0.0.1:{free_port()}"
     config = proxy_config(tmp_path, [closed, other], group="retries = 0")
@@ -424,6 +427,11 @@ async def test_failures_map_to_502_503_504(tmp_path: Path) -> None:
                 proxy.ports[0], b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
             )
     assert status.startswith("HTTP/1.1 504") and body == b"gateway timeout\n"
+    # each failure also leaves a log line saying why
+    said = [record.getMessage() for record in caplog.records]
+    assert any("-> 502" in line and "connect to" in line for line in said), said
+    assert any("-> 503" in line and "no upstream" in line for line in said), said
+    assert any("-> 504" in line and "timed out" in line for line in said), said
 
 
 async def test_connect_failure_is_retried_on_another_upstream(tmp_path: Path) -> None:
