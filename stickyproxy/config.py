@@ -244,7 +244,7 @@ class LimitsConfig:
     #: open client connections per worker; further ones are closed at once
     client_connections: int = 10_000
     #: idle keep-alive connections kept per upstream
-    upstream_keepalive: int = 64
+    upstream_keepalive: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -756,7 +756,7 @@ def _read_config(root: _Table) -> Config:
         client_connections=limits_table.integer(
             "client_connections", 10_000, minimum=1
         ),
-        upstream_keepalive=limits_table.integer("upstream_keepalive", 64),
+        upstream_keepalive=limits_table.integer("upstream_keepalive", 1024),
     )
     limits_table.finish()
 
