@@ -244,7 +244,11 @@ class ClientConnection(asyncio.Protocol):
             return
         self.active = None
         if not keep_alive or self.closed:
-            self.close()
+            if exchange.request_done or self.closed:
+                self.close()
+            else:
+                # answered before the body ended (a 413, a 502): let it be read
+                self.linger()
             return
         state = self.proxy.state
         if self.queued:

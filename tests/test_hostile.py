@@ -16,6 +16,7 @@ from tests.proxy_support import (
     read_head,
     running_proxy,
 )
+from tests.support import free_port
 
 
 async def answer_each(
@@ -260,3 +261,20 @@ def test_combined_log_escapes_what_clients_control() -> None:
     line = stream.getvalue()
     assert line.count('"') == 6  # request, referer and agent quoted, nothing more
     assert "evil\\x22 500 \\x22forged" in line
+
+
+async def test_an_early_error_reaches_a_client_still_uploading(tmp_path: Path) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    config = proxy_config(tmp_path, [closed], group="retries = 0")
+    async with running_proxy(config) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.ports[0])
+        writer.write(
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % (8 << 20)
+        )
+        # keep sending while the proxy has already answered
+        for _ in range(16):
+            writer.write(b"x" * 65536)
+            await asyncio.sleep(0.01)
+        head = await asyncio.wait_for(read_head(reader), 5)
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 502")
